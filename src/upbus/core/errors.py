@@ -1,0 +1,66 @@
+"""The exceptions upbus raises.
+
+Every error a user can cause derives from :class:`UpbusError`; each class says
+when it is raised. Messages name what was wrong, never a secret.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "ComponentError",
+    "ConfigError",
+    "LimiterWaitExpired",
+    "PluginError",
+    "PluginLoadError",
+    "SpecError",
+    "UpbusError",
+)
+
+
+class UpbusError(Exception):
+    """Base class of every error upbus raises on purpose."""
+
+
+class SpecError(UpbusError, ValueError):
+    """A subscription spec is invalid; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class ComponentError(UpbusError, TypeError):
+    """An object cannot be used as a component (it is not weak-referenceable)."""
+
+
+class ConfigError(UpbusError, ValueError):
+    """A setting is invalid; the message names the setting and where it came from."""
+
+
+class PluginError(UpbusError):
+    """No plugin answered a hook that needs an answer, or a plugin broke a contract."""
+
+
+class PluginLoadError(PluginError):
+    """A plugin's entry point failed to import or register."""
+
+    def __init__(self, name: str, distribution: str | None, cause: BaseException) -> None:
+        self.name = name
+        self.distribution = distribution
+        self.cause = cause
+        where = f" from distribution {distribution!r}" if distribution else ""
+        super().__init__(
+            f"plugin {name!r}{where} failed to load: {type(cause).__name__}: {cause}"
+        )
+
+
+class LimiterWaitExpired(UpbusError, TimeoutError):
+    """A rate-limiter wait exceeded its ``max_wait``; nothing was taken from the budget."""
+
+    def __init__(self, limiter: str, waited: float, needed: float) -> None:
+        self.limiter = limiter
+        self.waited = waited
+        self.needed = needed
+        super().__init__(
+            f"rate limiter {limiter!r}: waited {waited:.3f}s, a slot needs {needed:.3f}s more"
+        )
