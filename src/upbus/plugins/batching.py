@@ -1,0 +1,28 @@
+"""Default batching policy: one debounced pending task per connection."""
+
+from __future__ import annotations
+
+from upbus.core.batcher import Batcher, PendingTaskBatcher, RequestLimiter, RequestSink
+from upbus.core.hookspecs import hookimpl
+from upbus.core.specs import Channel
+from upbus.core.subscriptions import SubscriptionManager
+from upbus.settings import Settings
+
+
+@hookimpl(trylast=True)
+def upbus_make_batcher(
+    channel: Channel,
+    settings: Settings,
+    manager: SubscriptionManager,
+    sink: RequestSink,
+    limiter: RequestLimiter,
+) -> Batcher:
+    return PendingTaskBatcher(
+        channel,
+        source=lambda: manager.state(channel),
+        current_version=lambda: manager.version(channel),
+        sink=sink,
+        limiter=limiter,
+        debounce=settings.debounce,
+        max_wait=settings.rate_limit.max_wait,
+    )

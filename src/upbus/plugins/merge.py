@@ -1,0 +1,13 @@
+"""Default merge policy: reference counts per (type, code, level)."""
+
+from __future__ import annotations
+
+from upbus.core.hookspecs import hookimpl
+from upbus.core.merge import Merger, RefCountMerger
+from upbus.core.specs import Channel
+from upbus.settings import Settings
+
+
+@hookimpl(trylast=True)
+def upbus_make_merger(channel: Channel, settings: Settings) -> Merger:
+    return RefCountMerger()

@@ -1,0 +1,19 @@
+"""upbus settings: one validated model read from pyproject.toml, upbus.toml, env and arguments."""
+
+from __future__ import annotations
+
+from upbus.settings.model import (
+    RateLimitSettings,
+    ReconnectSettings,
+    Settings,
+    explain_settings,
+    load_settings,
+)
+
+__all__ = (
+    "RateLimitSettings",
+    "ReconnectSettings",
+    "Settings",
+    "explain_settings",
+    "load_settings",
+)

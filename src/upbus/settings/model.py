@@ -1,0 +1,289 @@
+"""The settings model, and the functions that load and explain it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources import DefaultSettingsSource
+
+from upbus.core.errors import ConfigError
+from upbus.settings.sources import (
+    Layer,
+    build_sources,
+    describe_errors,
+    display,
+    dotted,
+    leaves,
+    mask,
+    origin,
+)
+
+__all__ = (
+    "RateLimitSettings",
+    "ReconnectSettings",
+    "Settings",
+    "explain_settings",
+    "load_settings",
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class RateLimitSettings(BaseModel):
+    """Upbit's WebSocket request limits and how the limiter keeps under them."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    connect_per_second: int = Field(
+        default=5, ge=1, description="New connections per rolling second."
+    )
+    messages_per_second: int = Field(
+        default=5, ge=1, description="Messages sent per rolling second."
+    )
+    messages_per_minute: int = Field(
+        default=100, ge=1, description="Messages sent per rolling minute."
+    )
+    max_wait: float = Field(
+        default=15.0, gt=0, description="Seconds a send may wait for a free slot before giving up."
+    )
+    margin: float = Field(
+        default=0.05,
+        ge=0,
+        description="Seconds added to each rolling window for clock and network skew.",
+    )
+    backoff_initial: float = Field(
+        default=1.0,
+        gt=0,
+        description="First pause, in seconds, after the exchange reports a limit hit.",
+    )
+    backoff_max: float = Field(
+        default=60.0, gt=0, description="Longest such pause, in seconds; at least backoff_initial."
+    )
+
+    @field_validator("backoff_max")
+    @classmethod
+    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("backoff_initial")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be at least backoff_initial ({initial})")
+        return value
+
+
+class ReconnectSettings(BaseModel):
+    """Exponential back-off between reconnect attempts."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    initial: float = Field(
+        default=0.5, gt=0, description="Seconds before the first reconnect attempt."
+    )
+    maximum: float = Field(
+        default=30.0, gt=0, description="Longest delay, in seconds, between attempts."
+    )
+    multiplier: float = Field(
+        default=2.0, gt=1, description="Factor the delay grows by after a failure."
+    )
+
+    @field_validator("maximum")
+    @classmethod
+    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("initial")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be at least initial ({initial})")
+        return value
+
+
+class Settings(BaseSettings):
+    """Everything upbus can be configured with.
+
+    Build it with :func:`load_settings`, which reads, lowest precedence first: the
+    defaults, ``[tool.upbus]`` in ``./pyproject.toml``, ``./upbus.toml`` (or the file
+    ``UPBUS_CONFIG`` names), ``UPBUS_…`` environment variables, and keyword arguments.
+    Nested values merge across sources. Calling ``Settings()`` reads the same sources
+    but raises pydantic's ``ValidationError``, and :func:`explain_settings` cannot
+    tell where its values came from.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="UPBUS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        allow_inf_nan=False,
+    )
+
+    public_url: str = Field(
+        default="wss://api.upbit.com/websocket/v1",
+        description="WebSocket endpoint for public market data (ticker, trade, orderbook).",
+    )
+    private_url: str = Field(
+        default="wss://api.upbit.com/websocket/v1/private",
+        description="WebSocket endpoint for private data (myOrder, myAsset); needs the keys.",
+    )
+    access_key: SecretStr | None = Field(
+        default=None, description="Upbit Open API access key; needed only for private data."
+    )
+    secret_key: SecretStr | None = Field(
+        default=None, description="Upbit Open API secret key, used to sign the JWT; never printed."
+    )
+    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = Field(
+        default="HS512", description="HMAC algorithm that signs the private endpoint's JWT."
+    )
+    format: Literal["DEFAULT", "SIMPLE", "JSON_LIST", "SIMPLE_LIST"] = Field(
+        default="DEFAULT",
+        description="Wire format asked of Upbit: SIMPLE* abbreviate keys, *_LIST send arrays.",
+    )
+    debounce: float = Field(
+        default=0.1,
+        ge=0,
+        le=10,
+        description="Seconds to gather subscription changes into one request.",
+    )
+    heartbeat_interval: float = Field(
+        default=30.0, gt=0, description="Seconds between pings on an otherwise idle connection."
+    )
+    heartbeat_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds to wait for a pong before the connection counts as dead.",
+    )
+    rate_limit: RateLimitSettings = Field(
+        default_factory=RateLimitSettings, description="Exchange request limits."
+    )
+    reconnect: ReconnectSettings = Field(
+        default_factory=ReconnectSettings,
+        description="Back-off between reconnect attempts.",
+    )
+    autoload_plugins: bool = Field(
+        default=True,
+        description="Load every plugin registered under the 'upbus' entry-point group.",
+    )
+    disabled_plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Plugin names not to load; from the environment, JSON or 'a,b'.",
+    )
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-plugin sections keyed by plugin name; each plugin validates its own.",
+    )
+
+    # What each source supplied, highest precedence first; set by load_settings.
+    _layers: tuple[Layer, ...] = PrivateAttr(default=())
+
+    @field_validator("public_url", "private_url")
+    @classmethod
+    def _websocket_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc:
+            raise ValueError("must be a ws:// or wss:// URL")
+        return value
+
+    @field_validator("disabled_plugins", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        # NoDecode hands us the raw environment string, which may be JSON or comma-separated.
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return [name.strip() for name in value.split(",") if name.strip()]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No dotenv or secrets-directory sources: only the documented files are read.
+        return build_sources(settings_cls, init_settings, env_settings, Path.cwd())
+
+    def plugin_section(self, name: str, model: type[M]) -> M:
+        """Validate the ``plugins.<name>`` section with the plugin's own ``model``.
+
+        A missing section validates as ``{}``, so the model's defaults apply. Keys
+        set through the environment arrive lower-cased.
+
+        Raises:
+            ConfigError: naming ``plugins.<name>.<field>``, its source and the reason.
+        """
+        try:
+            return model.model_validate(self.plugins.get(name, {}))
+        except ValidationError as exc:
+            prefix = ("plugins", name)
+            raise ConfigError(describe_errors(exc, model, self._layers, prefix)) from None
+
+    def __eq__(self, other: object) -> bool:
+        # Where the values came from is not part of what the settings are.
+        if not isinstance(other, Settings):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # Plugin sections are plain dicts, so their secrets are only recognisable by key name.
+        for key, value in super().__repr_args__():
+            yield key, mask(value) if key == "plugins" else value
+
+
+def load_settings(*, _cwd: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from every source, with ``overrides`` taking precedence.
+
+    ``_cwd`` is the directory holding ``pyproject.toml`` and ``upbus.toml``
+    (default: the current directory); a relative ``UPBUS_CONFIG`` is resolved
+    against it.
+
+    Raises:
+        ConfigError: one error listing every bad setting with its source, for an
+            invalid value, an unknown key, an unreadable TOML file or a missing
+            ``UPBUS_CONFIG`` file.
+    """
+    cwd = Path.cwd() if _cwd is None else Path(_cwd)
+    init = InitSettingsSource(Settings, init_kwargs=overrides)
+    sources = build_sources(Settings, init, EnvSettingsSource(Settings), cwd)
+    built = ((*sources, DefaultSettingsSource(Settings)), overrides)
+    try:
+        # mypy builds Settings' signature from its fields and misses BaseSettings' own keywords.
+        settings = Settings(_build_sources=built)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        layers = [source.layer for source in sources]
+        raise ConfigError(describe_errors(exc, Settings, layers)) from None
+    settings._layers = tuple(source.layer for source in sources)
+    return settings
+
+
+def explain_settings(settings: Settings) -> list[tuple[str, str, str]]:
+    """Each setting as ``(dotted name, display value, source)``, secrets masked.
+
+    Sources are ``default``, ``pyproject.toml [tool.upbus]``, the path of the
+    ``upbus.toml`` in use, ``environment variable UPBUS_…`` or ``argument``; for
+    settings not built by :func:`load_settings` every source is ``unknown``.
+    """
+    rows = []
+    for loc, value in leaves(settings.model_dump()):
+        source = origin(settings._layers, loc) if settings._layers else "unknown"
+        rows.append((dotted(loc), display(Settings, loc, value), source))
+    return rows
