@@ -23,7 +23,7 @@ from upbus.core import telemetry
 from upbus.core.clock import AnyioClock, Clock
 from upbus.core.errors import LimiterWaitExpired
 from upbus.core.specs import Channel
-from upbus.core.state import MergedState, StateChange
+from upbus.core.state import MergedState, StateChange, WireEntry
 
 __all__ = ("Batcher", "PendingTaskBatcher", "RequestLimiter", "RequestSink")
 
@@ -70,7 +70,7 @@ class Batcher(Protocol):
         ...
 
     def resend(self) -> None:
-        """Forget what was sent and send the whole latest state at once (after a connect)."""
+        """The connection is new and has nothing: send the whole latest state at once."""
         ...
 
     def status(self) -> dict[str, Any]:
@@ -121,7 +121,10 @@ class PendingTaskBatcher:
         self._pending = False
         self._immediate = False
         self._phase = "idle"
-        self._sent: MergedState | None = None
+        # What the connection has: a fresh connection has no subscriptions (empty
+        # entries); None means unknown (a send failed halfway), so anything goes out.
+        self._sent_entries: tuple[WireEntry, ...] | None = ()
+        self._sent_version: int | None = None
         self._links: list[Link] = []
         self._coalesced = 0
         self._counts = {
@@ -165,7 +168,7 @@ class PendingTaskBatcher:
         )
 
     def resend(self) -> None:
-        self._sent = None
+        self._sent_entries = ()
         self._immediate = True
         if not self._pending:
             self._schedule()
@@ -177,7 +180,7 @@ class PendingTaskBatcher:
             "done": not self._pending,
             "phase": self._phase,
             "changes_waiting": self._coalesced,
-            "sent_version": None if self._sent is None else self._sent.version,
+            "sent_version": self._sent_version,
             "latest_version": self._current_version(),
             **self._counts,
         }
@@ -246,7 +249,7 @@ class PendingTaskBatcher:
         return False
 
     def _is_sent(self, state: MergedState) -> bool:
-        return self._sent is not None and self._sent.entries == state.entries
+        return self._sent_entries == state.entries
 
     async def _send(
         self,
@@ -291,13 +294,14 @@ class PendingTaskBatcher:
             except Exception as exc:
                 # What the connection has is unknown now; its owner calls resend()
                 # after the next connect, which restores the whole latest state.
-                self._sent = None
+                self._sent_entries = None
                 self._counts["send_failures"] += 1
                 span.set_attribute("error.type", type(exc).__name__)
                 log.warning("%s: sending failed (%s); the state stays wanted", channel, exc)
                 return False
             span.set_attribute(telemetry.BODY_SIZE, size)
-        self._sent = state
+        self._sent_entries = state.entries
+        self._sent_version = state.version
         self._counts["requests_sent"] += 1
         log.info(
             "%s: sent state version %d: %d %s types (%s), %d bytes",

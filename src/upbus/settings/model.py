@@ -67,10 +67,12 @@ class RateLimitSettings(BaseModel):
         default=100, ge=1, description="Messages sent per rolling minute."
     )
     max_wait: float = Field(
-        default=15.0, gt=0, description="Seconds a send may wait for a free slot before giving up."
+        default=15.0,
+        gt=0,
+        description="Longest single wait, in seconds, for a free slot; then the wait starts again.",
     )
     margin: float = Field(
-        default=0.05,
+        default=0.1,
         ge=0,
         description="Seconds added to each rolling window for clock and network skew.",
     )
