@@ -1,5 +1,74 @@
-"""upbus: one merged, rate-limited set of Upbit WebSocket subscriptions for many components."""
+"""upbus: one merged, rate-limited set of Upbit WebSocket subscriptions for many components.
+
+The names most programs need are here::
+
+    import upbus
+
+    manager = upbus.SubscriptionManager()
+    specs = [upbus.ticker("KRW-BTC"), upbus.orderbook("KRW-BTC", depth=15)]
+    manager.register_component(chart, specs)
+
+Plugin authors decorate hook implementations with :data:`upbus.hookimpl`.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from upbus.core.batcher import PendingTaskBatcher
+from upbus.core.errors import (
+    ComponentError,
+    ConfigError,
+    LimiterWaitExpired,
+    PluginError,
+    PluginLoadError,
+    SpecError,
+    UpbusError,
+)
+from upbus.core.hookspecs import hookimpl
+from upbus.core.plugin_manager import PluginManager
+from upbus.core.ratelimit import RollingWindowLimiter
+from upbus.core.specs import (
+    Channel,
+    Spec,
+    candle,
+    my_asset,
+    my_order,
+    orderbook,
+    parse_specs,
+    ticker,
+    trade,
+)
+from upbus.core.state import MergedState, StateChange, WireEntry
+from upbus.core.subscriptions import SubscriptionManager
+from upbus.settings import Settings, load_settings
+
+__all__ = (
+    "Channel",
+    "ComponentError",
+    "ConfigError",
+    "LimiterWaitExpired",
+    "MergedState",
+    "PendingTaskBatcher",
+    "PluginError",
+    "PluginLoadError",
+    "PluginManager",
+    "RollingWindowLimiter",
+    "Settings",
+    "Spec",
+    "SpecError",
+    "StateChange",
+    "SubscriptionManager",
+    "UpbusError",
+    "WireEntry",
+    "__version__",
+    "candle",
+    "hookimpl",
+    "load_settings",
+    "my_asset",
+    "my_order",
+    "orderbook",
+    "parse_specs",
+    "ticker",
+    "trade",
+)

@@ -65,6 +65,18 @@ def _depth_rank(depth: int | None) -> int:
     return depth or 0
 
 
+def _count_in(group: _Group, wish: Wish) -> None:
+    group.count += 1
+    _inc(group.depths, wish.depth)
+    _inc(group.modes, wish.mode)
+
+
+def _count_out(group: _Group, wish: Wish) -> None:
+    group.count -= 1
+    _dec(group.depths, wish.depth)
+    _dec(group.modes, wish.mode)
+
+
 def _inc(counts: dict[_K, int], key: _K) -> None:
     counts[key] = counts.get(key, 0) + 1
 
@@ -92,19 +104,19 @@ class RefCountMerger:
         changed = False
         groups = self._groups
         for wish in wishes:
+            self._wishes += 1
             key = (wish.type, wish.code, wish.level)
             group = groups.get(key)
             if group is None:
                 group = groups[key] = _Group()
-                before = None
+                _count_in(group, wish)
+                changed = True
+            elif wish.depth in group.depths and wish.mode in group.modes:
+                _count_in(group, wish)  # nothing new for this group: it cannot change
             else:
                 before = group.effective()
-            group.count += 1
-            _inc(group.depths, wish.depth)
-            _inc(group.modes, wish.mode)
-            self._wishes += 1
-            if not changed and group.effective() != before:
-                changed = True
+                _count_in(group, wish)
+                changed = changed or group.effective() != before
         if changed:
             self._cache = None
         return changed
@@ -113,19 +125,18 @@ class RefCountMerger:
         changed = False
         groups = self._groups
         for wish in wishes:
+            self._wishes -= 1
             key = (wish.type, wish.code, wish.level)
             group = groups[key]
-            before = group.effective()
-            group.count -= 1
-            self._wishes -= 1
-            if group.count == 0:
+            if group.count == 1:
                 del groups[key]
                 changed = True
-                continue
-            _dec(group.depths, wish.depth)
-            _dec(group.modes, wish.mode)
-            if not changed and group.effective() != before:
-                changed = True
+            elif group.depths[wish.depth] > 1 and group.modes[wish.mode] > 1:
+                _count_out(group, wish)  # others still want the same: it cannot change
+            else:
+                before = group.effective()
+                _count_out(group, wish)
+                changed = changed or group.effective() != before
         if changed:
             self._cache = None
         return changed

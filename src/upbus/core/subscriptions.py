@@ -31,6 +31,7 @@ __all__ = ("Listener", "SubscriptionManager")
 
 log = logging.getLogger("upbus.subscriptions")
 
+CHANNELS = tuple(Channel)  # iterating the enum itself is slow on the hot-ish path
 Listener = Callable[[StateChange], None]
 SpecsArg = Spec | Mapping[str, Any] | Iterable[Spec | Mapping[str, Any]]
 
@@ -69,9 +70,9 @@ class SubscriptionManager:
         tracer: Tracer | None = None,
     ) -> None:
         make = merger_factory or (lambda _channel: RefCountMerger())
-        self._mergers = {channel: make(channel) for channel in Channel}
+        self._mergers = {channel: make(channel) for channel in CHANNELS}
         self._versions = dict.fromkeys(Channel, 0)
-        self._states = {channel: MergedState(channel, (), 0) for channel in Channel}
+        self._states = {channel: MergedState(channel, (), 0) for channel in CHANNELS}
         self._by_key: dict[int, _Registration] = {}
         self._by_token: dict[int, _Registration] = {}
         self._dead: deque[int] = deque()
@@ -99,7 +100,7 @@ class SubscriptionManager:
         component cannot be weakly referenced (:class:`~upbus.ComponentError`).
         """
         parsed = tuple(parse_specs(specs))
-        wishes: dict[Channel, list[Wish]] = {channel: [] for channel in Channel}
+        wishes: dict[Channel, list[Wish]] = {channel: [] for channel in CHANNELS}
         for spec in parsed:
             wishes[spec.channel].extend(spec.wishes())
         self.collect_garbage()
@@ -122,7 +123,7 @@ class SubscriptionManager:
         self._by_key[registration.key] = registration
         self._by_token[token] = registration
         self._registered_total += 1
-        changed = [ch for ch in Channel if self._mergers[ch].add(wishes[ch])]
+        changed = [ch for ch in CHANNELS if self._mergers[ch].add(wishes[ch])]
         self._announce(changed, "register", label)
 
     def unregister_component(self, component: object) -> bool:
@@ -132,7 +133,7 @@ class SubscriptionManager:
         if registration is None:
             return False
         self._drop(registration)
-        changed = [ch for ch in Channel if self._mergers[ch].remove(registration.wishes[ch])]
+        changed = [ch for ch in CHANNELS if self._mergers[ch].remove(registration.wishes[ch])]
         self._announce(changed, "unregister", registration.label)
         return True
 
@@ -152,7 +153,7 @@ class SubscriptionManager:
             "collected_total": self._collected_total,
             "pending_garbage": len(self._dead),
         }
-        for channel in Channel:
+        for channel in CHANNELS:
             state = self._states[channel]
             if state.version != self._versions[channel]:
                 state = self.state(channel)
@@ -197,7 +198,7 @@ class SubscriptionManager:
             self._drop(registration)
             self._collected_total += 1
             collected += 1
-            changed = [ch for ch in Channel if self._mergers[ch].remove(registration.wishes[ch])]
+            changed = [ch for ch in CHANNELS if self._mergers[ch].remove(registration.wishes[ch])]
             log.debug("component %s was garbage-collected", registration.label)
             self._announce(changed, "collected", registration.label)
         return collected
@@ -223,7 +224,7 @@ class SubscriptionManager:
         self, old: _Registration, specs: tuple[Spec, ...], wishes: dict[Channel, list[Wish]]
     ) -> None:
         changed = []
-        for channel in Channel:
+        for channel in CHANNELS:
             before = Counter(old.wishes[channel])
             after = Counter(wishes[channel])
             merger = self._mergers[channel]
