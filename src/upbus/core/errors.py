@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = (
     "ComponentError",
     "ConfigError",
+    "FrameDecodeError",
     "LimiterWaitExpired",
     "PluginError",
     "PluginLoadError",
@@ -49,9 +50,21 @@ class PluginLoadError(PluginError):
         self.distribution = distribution
         self.cause = cause
         where = f" from distribution {distribution!r}" if distribution else ""
-        super().__init__(
-            f"plugin {name!r}{where} failed to load: {type(cause).__name__}: {cause}"
-        )
+        super().__init__(f"plugin {name!r}{where} failed to load: {type(cause).__name__}: {cause}")
+
+
+class FrameDecodeError(UpbusError, ValueError):
+    """A server frame is not a message upbus understands.
+
+    Raised for text that is not JSON, JSON of the wrong shape or field types, an unknown
+    message type, or a truncated frame. ``sample`` holds the frame's first 200 bytes
+    (or characters, for a text frame) and ``reason`` says what was wrong.
+    """
+
+    def __init__(self, sample: bytes | str, reason: str) -> None:
+        self.sample = sample[:200]
+        self.reason = reason
+        super().__init__(f"undecodable frame ({reason}): {self.sample!r}")
 
 
 class LimiterWaitExpired(UpbusError, TimeoutError):
