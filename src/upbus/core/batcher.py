@@ -24,6 +24,7 @@ from upbus.core.clock import AnyioClock, Clock
 from upbus.core.errors import LimiterWaitExpired
 from upbus.core.specs import Channel
 from upbus.core.state import MergedState, StateChange, WireEntry
+from upbus.core.transport import NotConnected
 
 __all__ = ("Batcher", "PendingTaskBatcher", "RequestLimiter", "RequestSink")
 
@@ -291,6 +292,16 @@ class PendingTaskBatcher:
         ) as span:
             try:
                 size = await self._sink.send_state(state)
+            except NotConnected:
+                # Not a failure: the connection is being made, and its first
+                # request after the connect is the whole latest state, which
+                # then carries these changes (and their links).
+                self._sent_entries = None
+                self._links = (links + self._links)[:MAX_LINKS]
+                self._coalesced += coalesced
+                span.set_attribute("error.type", "NotConnected")
+                log.debug("%s: not connected yet; the state goes out after the connect", channel)
+                return False
             except Exception as exc:
                 # What the connection has is unknown now; its owner calls resend()
                 # after the next connect, which restores the whole latest state.

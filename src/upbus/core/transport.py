@@ -18,6 +18,7 @@ __all__ = (
     "Connection",
     "ConnectionClosed",
     "HandshakeRejected",
+    "NotConnected",
     "Transport",
     "TransportError",
 )
@@ -43,6 +44,10 @@ class ConnectionClosed(TransportError):
         self.code = code
         self.reason = reason
         super().__init__(f"connection closed (code {code}{', ' + reason if reason else ''})")
+
+
+class NotConnected(TransportError):
+    """The channel has no open connection right now; its state is sent after the next connect."""
 
 
 class Connection(Protocol):

@@ -1,0 +1,311 @@
+"""Bus: the one object users start.
+
+It loads settings and plugins, owns the task group, the SubscriptionManager, a
+batcher and a WebSocketManager per channel, the rate limiters and the router, and
+exposes the seed's debug entry points::
+
+    async with upbus.Bus() as bus:
+        await bus.register_component(chart, [upbus.ticker("KRW-BTC")])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import weakref
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Self
+
+import anyio
+from anyio import AsyncContextManagerMixin
+from anyio.abc import TaskGroup
+from opentelemetry.trace import TracerProvider
+
+from upbus.core.auth import bearer_headers
+from upbus.core.batcher import Batcher
+from upbus.core.errors import ComponentError, ConfigError
+from upbus.core.plugin_manager import PluginManager
+from upbus.core.ratelimit import RollingWindowLimiter
+from upbus.core.router import ConnectionEvent, Overflow, Router, Subscriber
+from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel, Spec, parse_specs
+from upbus.core.state import StateChange
+from upbus.core.subscriptions import SpecsArg, SubscriptionManager
+from upbus.core.telemetry import get_tracer
+from upbus.core.websocket import WebSocketManager
+from upbus.settings import Settings, load_settings
+
+__all__ = ("Bus",)
+
+log = logging.getLogger("upbus.bus")
+
+_CHANNEL_TYPES = {Channel.PUBLIC: PUBLIC_TYPES, Channel.PRIVATE: PRIVATE_TYPES}
+# Dead components are noticed at every operation; this sweep is the safety net
+# for a bus nobody touches after a component goes away.
+SWEEP_INTERVAL = 1.0
+
+
+class Bus(AsyncContextManagerMixin):
+    """Merges every component's subscriptions and delivers each message to those that asked.
+
+    :param settings: the settings; by default loaded from env and TOML
+        (:func:`upbus.load_settings`), with ``overrides`` applied on top.
+    :param plugins: a plugin manager; by default loaded from entry points.
+    :param tracer_provider: where spans go; the global provider by default.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        plugins: PluginManager | None = None,
+        tracer_provider: TracerProvider | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.settings = settings if settings is not None else load_settings(**overrides)
+        self.plugins = plugins if plugins is not None else PluginManager.load(self.settings)
+        self._tracer = get_tracer(tracer_provider)
+        self.subscriptions = SubscriptionManager(
+            lambda channel: self.plugins.make_merger(channel, self.settings), tracer=self._tracer
+        )
+        self.router = Router()
+        self._subscribers: dict[int, tuple[weakref.ref[Any], Subscriber]] = {}
+        self._connect_limiters: dict[str, RollingWindowLimiter] = {}
+        self._managers: dict[Channel, WebSocketManager] = {}
+        self._batchers: dict[Channel, Batcher] = {}
+        self._task_group: TaskGroup | None = None
+        self._plugin_components: list[object] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        transports = []
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            for channel in Channel:
+                transport = self.plugins.make_transport(channel, self.settings)
+                transports.append(transport)
+                self._start_channel(channel, transport, tg)
+            tg.start_soon(self._sweep, name="upbus garbage sweep")
+            for awaitable in self.plugins.startup(self):
+                await awaitable
+            for component, specs in self.plugins.components(self.settings):
+                self._plugin_components.append(component)
+                await self.register_component(component, specs)
+            try:
+                yield self
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for awaitable in self.plugins.shutdown(self):
+                        await awaitable
+                tg.cancel_scope.cancel()
+        self._task_group = None
+        for subscriber in (entry[1] for entry in self._subscribers.values()):
+            subscriber.close()
+        for transport in transports:
+            close = getattr(transport, "aclose", None)
+            if close is not None:
+                with anyio.move_on_after(5, shield=True):
+                    await close()
+
+    def _start_channel(self, channel: Channel, transport: Any, tg: TaskGroup) -> None:
+        settings = self.settings
+        if channel is Channel.PUBLIC:
+            url, scope, headers = settings.public_url, "ip", _no_headers
+        else:
+            url, scope, headers = settings.private_url, self._account_scope(), self._private_headers
+        connect_limiter = self._connect_limiters.get(scope)
+        if connect_limiter is None:
+            connect_limiter = self.plugins.make_rate_limiter("connect", scope, settings)
+            self._connect_limiters[scope] = connect_limiter
+        manager = WebSocketManager(
+            channel,
+            url=url,
+            transport=transport,
+            subscriptions=self.subscriptions,
+            connect_limiter=connect_limiter,
+            make_message_limiter=lambda name: self.plugins.make_rate_limiter(
+                "message", name, settings
+            ),
+            deliver=self.router.deliver,
+            backpressure=self.router.backpressure,
+            on_state=lambda state, detail: self._connection_state(channel, state, detail),
+            headers=headers,
+            fmt=settings.format,
+            heartbeat_interval=settings.heartbeat_interval,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            reconnect_initial=settings.reconnect.initial,
+            reconnect_max=settings.reconnect.maximum,
+            reconnect_multiplier=settings.reconnect.multiplier,
+        )
+        batcher = self.plugins.make_batcher(channel, settings, self.subscriptions, manager, manager)
+        manager.attach(batcher)
+
+        def notify(change: StateChange) -> None:
+            if change.channel is channel:
+                batcher.notify(change)
+
+        self.subscriptions.add_listener(notify)
+        self._managers[channel] = manager
+        self._batchers[channel] = batcher
+        batcher.start(tg)
+        tg.start_soon(manager.run, name=f"upbus {channel.value} connection")
+
+    def _account_scope(self) -> str:
+        key = self.settings.access_key
+        if key is None:
+            return "account:none"
+        # The scope names the account in logs and status without revealing the key.
+        digest = hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:12]
+        return f"account:{digest}"
+
+    def _private_headers(self) -> Mapping[str, str]:
+        access, secret = self.settings.access_key, self.settings.secret_key
+        if access is None or secret is None:
+            return {}
+        return bearer_headers(access, secret, self.settings.jwt_algorithm)
+
+    def _connection_state(self, channel: Channel, state: str, detail: str) -> None:
+        if state in ("connected", "gap", "reconnected"):
+            self.router.broadcast(
+                _CHANNEL_TYPES[channel], ConnectionEvent(channel.value, state, detail)
+            )
+        self.plugins.connection_state(channel, state, detail)
+
+    async def _sweep(self) -> None:
+        while True:
+            await anyio.sleep(SWEEP_INTERVAL)
+            self._collect()
+
+    def _collect(self) -> None:
+        self.subscriptions.collect_garbage()
+        for key, (ref, subscriber) in list(self._subscribers.items()):
+            if ref() is None:
+                del self._subscribers[key]
+                self.router.remove(subscriber)
+                subscriber.close()
+
+    # -- the seed's API --------------------------------------------------------------------
+
+    async def register_component(
+        self,
+        component: object,
+        specs: SpecsArg,
+        *,
+        overflow: Overflow = "conflate",
+        capacity: int = 1024,
+    ) -> Subscriber:
+        """Subscribe ``component`` to ``specs`` (replacing what it had) and return its buffer.
+
+        If the component has ``async def on_message(self, message)``, the bus calls
+        it for every message (and ``on_connection_state(event)`` for connection
+        events, if defined). Otherwise iterate the returned :class:`Subscriber`:
+        ``async for item in subscriber``. ``overflow`` is ``"conflate"`` (the
+        newest per (type, code)), ``"drop_oldest"`` or ``"block"`` (lossless, with
+        backpressure); ``capacity`` bounds the buffer.
+        """
+        parsed = parse_specs(specs)
+        self._check_private(parsed)
+        self._collect()
+        key = id(component)
+        entry = self._subscribers.get(key)
+        if entry is not None and entry[0]() is not component:
+            entry = None
+        if entry is None:
+            try:
+                ref = weakref.ref(component)
+            except TypeError:
+                raise ComponentError(
+                    f"{type(component).__name__} objects cannot be components: upbus holds "
+                    "components by weak reference"
+                ) from None
+            label = f"{type(component).__name__}@{key:x}"
+            subscriber = Subscriber(label, capacity, overflow)
+            self.subscriptions.register_component(component, parsed)
+            self._subscribers[key] = (ref, subscriber)
+            if callable(getattr(component, "on_message", None)):
+                self._spawn(self._drive, ref, subscriber, name=f"upbus deliver {label}")
+        else:
+            subscriber = entry[1]
+            self.subscriptions.register_component(component, parsed)
+        self.router.add(subscriber, (wish for spec in parsed for wish in spec.wishes()))
+        return subscriber
+
+    async def unregister_component(self, component: object) -> bool:
+        """Remove ``component``'s subscriptions; return whether it was registered."""
+        found = self.subscriptions.unregister_component(component)
+        entry = self._subscribers.pop(id(component), None)
+        if entry is not None and entry[0]() is component:
+            self.router.remove(entry[1])
+            entry[1].close()
+        return found
+
+    def _check_private(self, specs: list[Spec]) -> None:
+        private = [spec.type for spec in specs if spec.channel is Channel.PRIVATE]
+        if private and (self.settings.access_key is None or self.settings.secret_key is None):
+            raise ConfigError(
+                f"{private[0]} needs API keys: set access_key and secret_key "
+                "(UPBUS_ACCESS_KEY and UPBUS_SECRET_KEY)"
+            )
+
+    def _spawn(self, func: Any, *args: Any, name: str) -> None:
+        if self._task_group is None:
+            raise RuntimeError("the bus is not running: use it as `async with Bus() as bus:`")
+        self._task_group.start_soon(func, *args, name=name)
+
+    async def _drive(self, ref: weakref.ref[Any], subscriber: Subscriber) -> None:
+        async for item in subscriber:
+            component = ref()
+            if component is None:
+                return
+            try:
+                if isinstance(item, ConnectionEvent):
+                    handler = getattr(component, "on_connection_state", None)
+                    if handler is not None:
+                        await _maybe_await(handler(item))
+                else:
+                    await _maybe_await(component.on_message(item))
+            except Exception:
+                subscriber.failures += 1
+                log.exception("component %s failed handling %s", subscriber.label, item.type)
+            del component
+
+    # -- debug entry points ---------------------------------------------------------------
+
+    def get_subscription_stats(self) -> dict[str, Any]:
+        """Live components, merged entries and codes per channel, and per-subscriber buffers."""
+        stats = self.subscriptions.get_subscription_stats()
+        stats["subscribers"] = [entry[1].stats() for entry in self._subscribers.values()]
+        stats["router"] = self.router.stats()
+        return stats
+
+    def get_connection_metrics(self) -> dict[str, Any]:
+        """Per channel: state, connects, frames and bytes, messages by type, errors, ping RTT."""
+        return {
+            ch.value: manager.get_connection_metrics() for ch, manager in self._managers.items()
+        }
+
+    def get_rate_limiter_status(self) -> dict[str, Any]:
+        """The connect limiter of each scope and each connection's message limiter."""
+        return {
+            "connect": {scope: lim.status() for scope, lim in self._connect_limiters.items()},
+            "message": {
+                ch.value: manager.get_connection_metrics()["message_limiter"]
+                for ch, manager in self._managers.items()
+            },
+        }
+
+    def get_pending_task_status(self) -> dict[str, Any]:
+        """Per channel: whether a send task is pending, its phase, and its counters."""
+        return {ch.value: batcher.status() for ch, batcher in self._batchers.items()}
+
+
+def _no_headers() -> Mapping[str, str]:
+    return {}
+
+
+async def _maybe_await(result: object) -> None:
+    if inspect.isawaitable(result):
+        await result

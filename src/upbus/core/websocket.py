@@ -1,0 +1,364 @@
+"""WebSocketManager: one channel's connection, kept alive and in sync.
+
+It connects when the channel first has subscriptions (through the process-wide
+connect limiter of its scope), makes the first request after every connect the
+whole latest state (through a message limiter of that connection), pings to catch
+half-open sockets, reconnects with capped, fully jittered exponential backoff, and
+decodes every frame in its own receive loop, handing the messages to ``deliver``
+in one plain call per socket read.
+
+It is both the batcher's sink (``send_state``) and its limiter (``wait``/``take``
+go to the current connection's message limiter, since the exchange counts
+messages per connection).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio import CancelScope
+
+from upbus.core.batcher import Batcher
+from upbus.core.clock import AnyioClock, Clock
+from upbus.core.codec import FrameDecoder, encode_request, new_ticket
+from upbus.core.errors import FrameDecodeError, LimiterWaitExpired
+from upbus.core.messages import ErrorMessage, Message, Status, SubscriptionList
+from upbus.core.ratelimit import RollingWindowLimiter
+from upbus.core.specs import Channel
+from upbus.core.state import MergedState, StateChange
+from upbus.core.subscriptions import SubscriptionManager
+from upbus.core.transport import (
+    Connection,
+    ConnectionClosed,
+    HandshakeRejected,
+    NotConnected,
+    Transport,
+    TransportError,
+)
+
+__all__ = ("NotConnected", "WebSocketManager")
+
+log = logging.getLogger("upbus.connection")
+
+# Error names the exchange uses (or may use) for rate limiting; the wire form is
+# not documented, so every known spelling counts.
+TOO_MANY = frozenset({"Too Many Requests", "TOO_MANY_REQUEST", "TOO_MANY_REQUESTS"})
+BANNED = frozenset({"I'm a teapot"})
+_CONTROL = (Status, ErrorMessage, SubscriptionList)
+
+
+class WebSocketManager:
+    """Holds one channel's connection: connect, auth, heartbeat, reconnect, resubscribe, receive.
+
+    :param deliver: called with the data messages of each socket read, on the event
+        loop; it must not block (the bus puts them into per-subscriber buffers).
+    :param on_state: called with ``(state, detail)`` on ``connecting``,
+        ``connected``, ``reconnected``, ``gap`` and ``closed``.
+    :param headers: builds the upgrade headers for each connect (a fresh JWT for
+        the private channel).
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        url: str,
+        transport: Transport,
+        subscriptions: SubscriptionManager,
+        connect_limiter: RollingWindowLimiter,
+        make_message_limiter: Callable[[str], RollingWindowLimiter],
+        deliver: Callable[[list[Message]], None],
+        backpressure: Callable[[], Awaitable[None]] | None = None,
+        on_state: Callable[[str, str], None] | None = None,
+        headers: Callable[[], Mapping[str, str]] = dict,
+        fmt: str = "DEFAULT",
+        heartbeat_interval: float = 30.0,
+        heartbeat_timeout: float = 10.0,
+        reconnect_initial: float = 0.5,
+        reconnect_max: float = 30.0,
+        reconnect_multiplier: float = 2.0,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.channel = channel
+        self.url = url
+        self._transport = transport
+        self._subscriptions = subscriptions
+        self._connect_limiter = connect_limiter
+        self._make_message_limiter = make_message_limiter
+        self._deliver = deliver
+        self._backpressure = backpressure
+        self._on_state = on_state
+        self._headers = headers
+        self._format = fmt
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
+        self._reconnect = (reconnect_initial, reconnect_max, reconnect_multiplier)
+        self._clock = clock or AnyioClock()
+        self._rng = rng or random.Random()
+        self._decoder = FrameDecoder()
+        self._batcher: Batcher | None = None
+        self._conn: Connection | None = None
+        self._message_limiter: RollingWindowLimiter | None = None
+        self._wake: anyio.Event | None = None
+        self._closing = False
+        self._ever_connected = False
+        self._state = "idle"
+        self._connected_since: float | None = None
+        self._last_error: str | None = None
+        self._last_sent: MergedState | None = None
+        self._ping_rtt: float | None = None
+        self._last_message_time: float | None = None
+        self._by_type: dict[str, int] = {}
+        self._counts = {
+            "connects": 0,
+            "reconnects": 0,
+            "connect_failures": 0,
+            "frames_in": 0,
+            "bytes_in": 0,
+            "frames_out": 0,
+            "bytes_out": 0,
+            "messages_in": 0,
+            "decode_errors": 0,
+            "error_frames": 0,
+            "heartbeat_timeouts": 0,
+        }
+        subscriptions.add_listener(self._on_change)
+
+    def attach(self, batcher: Batcher) -> None:
+        """The batcher that sends this channel's state (made with this manager as sink)."""
+        self._batcher = batcher
+
+    # -- RequestSink and RequestLimiter for the batcher ------------------------------
+
+    async def send_state(self, state: MergedState) -> int:
+        conn = self._conn
+        if conn is None:
+            raise NotConnected(f"{self.channel.value}: not connected")
+        if not state:
+            # There is no unsubscribe message: an empty state ends the stream by
+            # closing the connection; the next subscription reconnects.
+            log.info("%s: no subscriptions left, closing the connection", self.channel.value)
+            self._closing = True
+            await conn.aclose()
+            return 0
+        text = encode_request(new_ticket(), state.request_objects(), self._format)
+        await conn.send_text(text)
+        size = len(text.encode())
+        self._counts["frames_out"] += 1
+        self._counts["bytes_out"] += size
+        self._last_sent = state
+        return size
+
+    async def wait(self, max_wait: float | None = None) -> float:
+        limiter = self._message_limiter
+        return 0.0 if limiter is None else await limiter.wait(max_wait)
+
+    def take(self, now: float | None = None) -> None:
+        if self._message_limiter is not None:
+            self._message_limiter.take(now)
+
+    # -- debug entry point ------------------------------------------------------------
+
+    def get_connection_metrics(self) -> dict[str, Any]:
+        """State, connect counts, frames and bytes each way, messages by type, errors, ping RTT."""
+        limiter = self._message_limiter
+        return {
+            "channel": self.channel.value,
+            "url": self.url,
+            "state": self._state,
+            "connected_since": self._connected_since,
+            **self._counts,
+            "messages_by_type": dict(self._by_type),
+            "last_message_time": self._last_message_time,
+            "ping_rtt": self._ping_rtt,
+            "last_error": self._last_error,
+            "message_limiter": None if limiter is None else limiter.status(),
+        }
+
+    # -- the connection loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep the channel connected while it has subscriptions; runs until cancelled."""
+        attempt = 0
+        while True:
+            await self._wait_for_subscriptions()
+            conn = await self._connect()
+            if conn is None:
+                attempt += 1
+                await self._back_off(attempt)
+                continue
+            carried = await self._serve(conn)
+            # Reset the backoff only after a connection that carried data: one that
+            # the server closes at once (a bad request, a ban) must keep backing off.
+            attempt = 0 if carried else attempt + 1
+            if not self._closing and attempt:
+                await self._back_off(attempt)
+
+    def _on_change(self, change: StateChange) -> None:
+        if change.channel is self.channel and self._wake is not None:
+            self._wake.set()
+
+    async def _wait_for_subscriptions(self) -> None:
+        self._closing = False
+        while not self._subscriptions.state(self.channel):
+            self._set_state("idle", "no subscriptions")
+            self._wake = anyio.Event()
+            await self._wake.wait()
+
+    async def _connect(self) -> Connection | None:
+        while True:
+            try:
+                await self._connect_limiter.acquire()
+                break
+            except LimiterWaitExpired as exc:
+                log.warning("%s: %s; still waiting to connect", self.channel.value, exc)
+        self._set_state("connecting", self.url)
+        try:
+            return await self._transport.connect(self.url, self._headers())
+        except HandshakeRejected as exc:
+            if exc.status_code in (418, 429):
+                # The exchange says we connect too often: slow the whole scope down.
+                self._connect_limiter.back_off()
+            self._connect_failed(exc)
+        except TransportError as exc:
+            self._connect_failed(exc)
+        return None
+
+    def _connect_failed(self, exc: Exception) -> None:
+        self._counts["connect_failures"] += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: connect to %s failed: %s", self.channel.value, self.url, exc)
+
+    async def _back_off(self, attempt: int) -> None:
+        initial, maximum, multiplier = self._reconnect
+        ceiling = min(maximum, initial * multiplier ** (attempt - 1))
+        delay = self._rng.uniform(0, ceiling)  # full jitter: reconnects of many clients spread out
+        self._set_state("backoff", f"{delay:.3f}s before attempt {attempt + 1}")
+        await self._clock.sleep(delay)
+
+    async def _serve(self, conn: Connection) -> bool:
+        """Use one connection until it ends; return whether it carried any data."""
+        self._counts["connects"] += 1
+        self._message_limiter = self._make_message_limiter(
+            f"{self.channel.value}#{self._counts['connects']}"
+        )
+        self._conn = conn
+        self._connected_since = time.time()
+        if self._ever_connected:
+            self._counts["reconnects"] += 1
+            self._set_state("reconnected", self.url)
+        else:
+            self._set_state("connected", self.url)
+        self._ever_connected = True
+        messages_before = self._counts["messages_in"]
+        if self._batcher is not None:
+            self._batcher.resend()  # invariant 7: the first request is the whole state
+        reason = "closed"
+        timeouts = self._counts["heartbeat_timeouts"]
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat, conn, tg.cancel_scope)
+                try:
+                    await self._receive(conn)
+                except ConnectionClosed as exc:
+                    reason = str(exc)
+                except TransportError as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                tg.cancel_scope.cancel()
+            if self._counts["heartbeat_timeouts"] != timeouts:
+                reason = self._last_error or "heartbeat timeout"
+        finally:
+            self._conn = None
+            self._message_limiter = None
+            self._connected_since = None
+            with anyio.CancelScope(shield=True):
+                await conn.aclose()
+        if self._closing:
+            self._set_state("closed", "no subscriptions left")
+        else:
+            self._last_error = reason
+            log.warning("%s: connection lost (%s); reconnecting", self.channel.value, reason)
+            self._set_state("gap", reason)
+        return self._counts["messages_in"] > messages_before
+
+    async def _heartbeat(self, conn: Connection, scope: CancelScope) -> None:
+        while True:
+            await self._clock.sleep(self._heartbeat_interval)
+            try:
+                self._ping_rtt = await conn.ping(self._heartbeat_timeout)
+            except TimeoutError:
+                # No pong: the socket is half-open. Drop it; run() reconnects.
+                self._counts["heartbeat_timeouts"] += 1
+                self._last_error = f"no pong within {self._heartbeat_timeout}s"
+                log.warning(
+                    "%s: %s; replacing the connection", self.channel.value, self._last_error
+                )
+                scope.cancel()
+                return
+            except TransportError:
+                return  # the receive loop sees the same failure
+
+    async def _receive(self, conn: Connection) -> None:
+        decode = self._decoder.decode
+        deliver = self._deliver
+        backpressure = self._backpressure
+        counts = self._counts
+        by_type = self._by_type
+        while True:
+            frames = await conn.receive_batch()
+            batch: list[Message] = []
+            for frame in frames:
+                counts["frames_in"] += 1
+                counts["bytes_in"] += len(frame)
+                try:
+                    messages = decode(frame)
+                except FrameDecodeError as exc:
+                    counts["decode_errors"] += 1
+                    log.warning("%s: %s", self.channel.value, exc)
+                    continue
+                for message in messages:
+                    if isinstance(message, _CONTROL):
+                        self._control(message)
+                    else:
+                        batch.append(message)
+                        kind = message.type
+                        by_type[kind] = by_type.get(kind, 0) + 1
+            if batch:
+                counts["messages_in"] += len(batch)
+                self._last_message_time = time.time()
+                deliver(batch)
+                if backpressure is not None:
+                    await backpressure()
+
+    def _control(self, message: Status | ErrorMessage | SubscriptionList) -> None:
+        if isinstance(message, ErrorMessage):
+            self._counts["error_frames"] += 1
+            self._last_error = f"{message.name}: {message.message}"
+            log.error(
+                "%s: the exchange answered with error %s: %s",
+                self.channel.value,
+                message.name,
+                message.message,
+            )
+            if message.name in TOO_MANY or message.name in BANNED:
+                if self._message_limiter is not None:
+                    self._message_limiter.back_off()
+                if message.name in BANNED:
+                    self._connect_limiter.back_off()
+            # The server closes the connection after an error; the reconnect
+            # re-sends the whole wanted state, which was never dropped.
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self._state = state
+        log.debug("%s: %s (%s)", self.channel.value, state, detail)
+        if self._on_state is not None:
+            try:
+                self._on_state(state, detail)
+            except Exception:
+                log.exception("%s: connection-state listener failed", self.channel.value)
