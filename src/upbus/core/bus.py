@@ -33,6 +33,7 @@ from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel, Spec, parse_s
 from upbus.core.state import StateChange
 from upbus.core.subscriptions import SpecsArg, SubscriptionManager
 from upbus.core.telemetry import get_tracer
+from upbus.core.transport import Transport
 from upbus.core.websocket import WebSocketManager
 from upbus.settings import Settings, load_settings
 
@@ -81,7 +82,7 @@ class Bus(AsyncContextManagerMixin):
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
-        transports = []
+        transports: list[Transport] = []
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             for channel in Channel:
@@ -105,12 +106,10 @@ class Bus(AsyncContextManagerMixin):
         for subscriber in (entry[1] for entry in self._subscribers.values()):
             subscriber.close()
         for transport in transports:
-            close = getattr(transport, "aclose", None)
-            if close is not None:
-                with anyio.move_on_after(5, shield=True):
-                    await close()
+            with anyio.move_on_after(5, shield=True):
+                await transport.aclose()
 
-    def _start_channel(self, channel: Channel, transport: Any, tg: TaskGroup) -> None:
+    def _start_channel(self, channel: Channel, transport: Transport, tg: TaskGroup) -> None:
         settings = self.settings
         if channel is Channel.PUBLIC:
             url, scope, headers = settings.public_url, "ip", _no_headers

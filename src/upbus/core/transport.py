@@ -80,3 +80,7 @@ class Transport(Protocol):
     async def connect(self, url: str, headers: Mapping[str, str]) -> Connection:
         """Open a WebSocket connection, raising :class:`TransportError` subclasses on failure."""
         ...
+
+    async def aclose(self) -> None:
+        """Release what the transport holds (an HTTP client, say); called when the bus stops."""
+        ...

@@ -1,0 +1,21 @@
+"""Default transport: an httpx upgrade followed by upbus's own wsproto read loop.
+
+Each channel gets its own transport, and so its own long-lived ``httpx.AsyncClient``
+(closed by the transport's ``aclose``). The heartbeat timeout bounds the upgrade
+request and each closing step: a peer that cannot complete a round trip in that
+time counts as dead anyway.
+"""
+
+from __future__ import annotations
+
+from upbus.core.hookspecs import hookimpl
+from upbus.core.wsconn import HttpxWsTransport
+from upbus.settings import Settings
+
+
+@hookimpl(trylast=True)
+def upbus_make_transport(settings: Settings) -> HttpxWsTransport:
+    return HttpxWsTransport(
+        handshake_timeout=settings.heartbeat_timeout,
+        close_timeout=settings.heartbeat_timeout,
+    )
