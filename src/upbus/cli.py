@@ -1,0 +1,218 @@
+"""The ``upbus`` command."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import click
+import orjson
+
+import upbus
+from upbus.core.bus import Bus
+from upbus.core.codec import to_default_dict
+from upbus.core.errors import UpbusError
+from upbus.core.messages import Message, Orderbook, Ticker, Trade
+from upbus.core.plugin_manager import PluginManager
+from upbus.core.router import ConnectionEvent, Subscriber
+from upbus.core.specs import CANDLE_UNITS, Spec, parse_specs
+from upbus.settings import Settings, explain_settings, load_settings
+
+__all__ = ("main",)
+
+
+def _run(func: Callable[[], Awaitable[None]]) -> None:
+    """Run ``func`` until it returns or SIGINT/SIGTERM arrives; errors become one line."""
+
+    async def guarded() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, tg.cancel_scope)
+            await func()
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(guarded)
+    except UpbusError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _signum in signals:
+            scope.cancel()
+            return
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except UpbusError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.version_option(upbus.__version__, prog_name="upbus")
+def main() -> None:
+    """upbus: one merged, rate-limited set of Upbit subscriptions for many components."""
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def sim(ctx: click.Context) -> None:
+    """Run the local Upbit simulator (``upbus sim --help`` for its options)."""
+    from upbus.sim import run_cli
+
+    sys.exit(run_cli(ctx.args))
+
+
+@main.command()
+def config() -> None:
+    """Show the effective settings and where each value came from (secrets masked)."""
+    settings = _settings()
+    rows = explain_settings(settings)
+    width = max(len(name) for name, _value, _source in rows)
+    for name, value, source in rows:
+        click.echo(f"{name:<{width}}  {value}  [{source}]")
+
+
+@main.command()
+def plugins() -> None:
+    """List every discovered plugin with its distribution, hooks and state."""
+    manager = PluginManager.load(_settings())
+    for info in manager.report():
+        where = f"{info.distribution} {info.version}" if info.distribution else "-"
+        line = f"{info.name:<12} {info.state:<9} {where:<20} {info.module}"
+        if info.hooks:
+            line += f"  hooks: {', '.join(info.hooks)}"
+        if info.error:
+            line += f"\n{'':<12} error: {info.error}"
+        click.echo(line)
+
+
+def _watch_specs(kind: str, codes: tuple[str, ...]) -> list[Spec]:
+    if kind.startswith("candle.") and kind.removeprefix("candle.") not in CANDLE_UNITS:
+        raise click.BadParameter(f"unknown candle unit in {kind!r}", param_hint="TYPE")
+    obj: dict[str, Any] = {"type": kind}
+    if codes:
+        obj["codes"] = list(codes)
+    try:
+        return parse_specs(obj)
+    except UpbusError as exc:
+        raise click.BadParameter(str(exc), param_hint="TYPE/CODES") from None
+
+
+@main.command()
+@click.argument("kind", metavar="TYPE")
+@click.argument("codes", nargs=-1)
+@click.option("--url", help="Public WebSocket URL (default: the setting public_url).")
+@click.option("--count", type=click.IntRange(min=1), help="Exit 0 after this many messages.")
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table")
+def watch(kind: str, codes: tuple[str, ...], url: str | None, count: int | None, fmt: str) -> None:
+    """Print live messages of TYPE for CODES (json: one DEFAULT-named object per line)."""
+    specs = _watch_specs(kind, codes)
+    settings = _settings(public_url=url)
+
+    async def body() -> None:
+        watcher = _Printer(fmt, count)
+        async with Bus(settings) as bus:
+            subscriber = await bus.register_component(watcher, specs, overflow="block")
+            async for item in subscriber:
+                if watcher.show(item):
+                    return
+
+    _run(body)
+
+
+@main.command()
+@click.option(
+    "--seconds", type=float, help="Stop after this many seconds (default: run until Ctrl-C)."
+)
+@click.option("--rate", type=float, default=20.0, show_default=True, help="Simulator messages/s.")
+def demo(seconds: float | None, rate: float) -> None:
+    """Start the simulator in-process and watch a few components share one subscription."""
+    from upbus.sim import SimConfig, Simulator
+
+    async def body() -> None:
+        async with (
+            Simulator(SimConfig(rate=rate)) as exchange,
+            Bus(_settings(public_url=exchange.public_url, private_url=exchange.private_url)) as bus,
+        ):
+            click.echo(f"simulator at {exchange.public_url}; press Ctrl-C to stop")
+            # Three components whose wishes overlap: one merged request serves them all.
+            wishes = [
+                [upbus.ticker("KRW-BTC", "KRW-ETH", "KRW-XRP")],
+                [upbus.orderbook("KRW-BTC", depth=5)],
+                [upbus.trade("KRW-BTC"), upbus.ticker("KRW-BTC")],
+            ]
+            printers = [_Printer("table", label=name) for name in ("chart", "book", "tape")]
+            async with anyio.create_task_group() as tg:
+                for printer, specs in zip(printers, wishes, strict=True):
+                    subscriber = await bus.register_component(printer, specs)
+                    tg.start_soon(printer.drive, subscriber)
+                with anyio.move_on_after(seconds if seconds is not None else float("inf")):
+                    await anyio.sleep_forever()
+                tg.cancel_scope.cancel()
+            stats = bus.get_subscription_stats()
+            click.echo(
+                f"{stats['components']} components shared {stats['public']['entries']} entries "
+                f"in {bus.get_pending_task_status()['public']['requests_sent']} request(s)"
+            )
+
+    _run(body)
+
+
+class _Printer:
+    """A component that prints what it receives."""
+
+    def __init__(self, fmt: str, count: int | None = None, label: str = "") -> None:
+        self.fmt = fmt
+        self.left = count
+        self.prefix = f"{label:<6}| " if label else ""
+
+    async def drive(self, subscriber: Subscriber) -> None:
+        async for item in subscriber:
+            self.show(item)
+
+    def show(self, item: Message | ConnectionEvent) -> bool:
+        """Print ``item``; return whether the count is reached."""
+        if isinstance(item, ConnectionEvent):
+            click.echo(f"-- {item.channel} {item.state}: {item.detail}", err=True)
+            return False
+        if self.fmt == "json":
+            click.echo(orjson.dumps(to_default_dict(item)).decode())
+        else:
+            click.echo(self.prefix + _table_line(item))
+        if self.left is not None:
+            self.left -= 1
+            return self.left <= 0
+        return False
+
+
+def _table_line(message: Message) -> str:
+    if isinstance(message, Ticker):
+        return (
+            f"{message.type:<9} {message.code:<10} {message.trade_price:>16,.2f} "
+            f"{message.signed_change_rate * 100:+7.2f}%  vol {message.acc_trade_volume_24h:,.3f}"
+        )
+    if isinstance(message, Trade):
+        return (
+            f"{message.type:<9} {message.code:<10} {message.trade_price:>16,.2f} "
+            f"{message.ask_bid:<4} {message.trade_volume:.8f}"
+        )
+    if isinstance(message, Orderbook):
+        best = message.orderbook_units[0] if message.orderbook_units else None
+        if best is None:
+            return f"{message.type:<9} {message.code:<10} (empty)"
+        return (
+            f"{message.type:<9} {message.code:<10} bid {best.bid_price:>14,.2f} "
+            f"ask {best.ask_price:>14,.2f}  ({len(message.orderbook_units)} units)"
+        )
+    return f"{message.type:<9} {message.code:<10} {message.stream_type}"

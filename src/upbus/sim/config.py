@@ -1,0 +1,78 @@
+"""Simulator settings. Defaults follow PROTOCOL.md; [U] marks unverified behaviour."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+from upbus.core.errors import ConfigError
+
+__all__ = ("AccountConfig", "SimConfig")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountConfig:
+    """A private-API account: the key pair and starting balances (currency → amount)."""
+
+    access_key: str
+    secret_key: str
+    balances: Mapping[str, Decimal] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Everything the simulator does that a test may want to change."""
+
+    # -- network
+    port: int = 0  # 0 picks a free port; the host is always 127.0.0.1
+    handshake_timeout: float = 5.0
+    max_message_bytes: int = 1 << 20  # larger client messages close with 1009
+    deflate: bool = True  # accept permessage-deflate when the client offers it
+
+    # -- market data
+    seed: int = 0
+    rate: float | None = 50.0  # realtime messages/s per connection; None = flood
+    start_ms: int | None = None  # None: wall-clock timestamps; else a seeded virtual clock
+    list_batch: int = 1  # [U] messages per *_LIST frame when several are ready at once
+
+    # -- keepalive
+    idle_timeout: float | None = 120.0  # no traffic either way for this long: abrupt close
+    up_interval: float = 10.0  # {"status":"UP"} period after a text PING
+
+    # -- errors
+    language: Literal["ko", "en"] = "ko"
+    error_close_delay: float = 0.15  # error frame, then close 1000 this much later
+    close_timeout: float = 1.0  # wait for the client's close reply, then drop TCP
+    binary_control_frames: bool = True  # [U] UP and error frames binary like data frames
+
+    # -- connect limits (per IP for public, per access key for private)
+    connect_limit: tuple[int, float] = (5, 1.0)
+    connect_strikes_before_ban: int = 3  # [U] 429s within strike_window before a 418 ban
+    connect_strike_window: float = 60.0
+    ban_base: float = 1.0  # [U] first ban in seconds; each next one ban_factor times longer
+    ban_factor: float = 2.0
+    ban_max: float = 600.0
+    origin_limit: tuple[int, float] | None = (1, 10.0)  # upgrades carrying Origin, per IP
+
+    # -- message limits (per connection, rolling windows)
+    message_limits: tuple[tuple[int, float], ...] = ((5, 1.0), (100, 60.0))
+    count_text_ping: bool = False  # [U] whether text PING counts toward message limits
+    too_many_name: str = "TOO_MANY_REQUEST"  # [U] no source shows the breach frame
+    too_many_message: str = "Too many requests."
+
+    # -- private endpoint
+    accounts: tuple[AccountConfig, ...] = ()
+    auth_failure: Literal["http", "frame"] = "http"  # [U] 401 on upgrade, or INVALID_AUTH
+    reject_reused_nonce: bool = True  # [U]
+    require_uuid_nonce: bool = True
+    fee_rate: Decimal = Decimal("0.0005")
+
+    def __post_init__(self) -> None:
+        if self.rate is not None and self.rate <= 0:
+            raise ConfigError("SimConfig.rate must be positive, or None for flood mode")
+        if self.list_batch < 1:
+            raise ConfigError("SimConfig.list_batch must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("SimConfig.port must be 0..65535")
