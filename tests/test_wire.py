@@ -278,3 +278,29 @@ async def test_churn_never_breaks_a_limit_and_ends_in_the_final_state(sim: Simul
                 await anyio.sleep(0.05)
         assert len(sim.requests) < 300  # batched: far fewer requests than changes
     assert list(sim.violations) == []
+
+
+@pytest.mark.anyio
+async def test_verification_and_text_ping_are_charged_to_the_budget_and_break_no_limit(
+    sim: Simulator,
+) -> None:
+    async with make_bus(
+        sim, verify_subscriptions=True, verify_delay=0.1, text_ping=True, heartbeat_interval=0.2
+    ) as bus:
+        chart = Recorder()
+        await bus.register_component(
+            chart, [upbus.ticker("KRW-BTC"), upbus.orderbook("KRW-ETH", depth=5)]
+        )
+        await sim.wait_until(
+            lambda: (
+                any("LIST_SUBSCRIPTIONS" in r.raw for r in sim.requests)
+                and any(r.raw == "PING" for r in sim.requests)
+            )
+        )
+        await chart.wait_for(lambda: bus.get_connection_metrics()["public"]["verified"] == 1)
+        metrics = bus.get_connection_metrics()["public"]
+        assert metrics["drift_detected"] == 0
+        assert metrics["message_limiter"]["granted"] >= 3  # the state, the LIST, a PING
+        subscribes = [r for r in sim.requests if r.raw.startswith("[") and "LIST" not in r.raw]
+        assert len(subscribes) == 1  # in sync: nothing re-sent
+    assert list(sim.violations) == []

@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
 from anyio import CancelScope
+from anyio.abc import TaskGroup
 
 from upbus.core.batcher import Batcher
 from upbus.core.clock import AnyioClock, Clock
-from upbus.core.codec import FrameDecoder, encode_request, new_ticket
+from upbus.core.codec import FrameDecoder, encode_list_subscriptions, encode_request, new_ticket
 from upbus.core.errors import FrameDecodeError, LimiterWaitExpired
 from upbus.core.messages import ErrorMessage, Message, Status, SubscriptionList
 from upbus.core.ratelimit import RollingWindowLimiter
@@ -79,6 +80,9 @@ class WebSocketManager:
         fmt: str = "DEFAULT",
         heartbeat_interval: float = 30.0,
         heartbeat_timeout: float = 10.0,
+        text_ping: bool = False,
+        verify_subscriptions: bool = False,
+        verify_delay: float = 1.0,
         reconnect_initial: float = 0.5,
         reconnect_max: float = 30.0,
         reconnect_multiplier: float = 2.0,
@@ -98,6 +102,11 @@ class WebSocketManager:
         self._format = fmt
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
+        self._text_ping = text_ping
+        self._verify = verify_subscriptions
+        self._verify_delay = verify_delay
+        self._verify_expected: MergedState | None = None
+        self._conn_tasks: TaskGroup | None = None
         self._reconnect = (reconnect_initial, reconnect_max, reconnect_multiplier)
         self._clock = clock or AnyioClock()
         self._rng = rng or random.Random()
@@ -127,6 +136,9 @@ class WebSocketManager:
             "decode_errors": 0,
             "error_frames": 0,
             "heartbeat_timeouts": 0,
+            "verifications": 0,
+            "verified": 0,
+            "drift_detected": 0,
         }
         subscriptions.add_listener(self._on_change)
 
@@ -150,10 +162,15 @@ class WebSocketManager:
         text = encode_request(new_ticket(), state.request_objects(), self._format)
         await conn.send_text(text)
         size = len(text.encode())
+        self._count_out(size)
+        self._last_sent = state
+        if self._verify and self._conn_tasks is not None:
+            self._conn_tasks.start_soon(self._verify_later, conn, state)
+        return size
+
+    def _count_out(self, size: int) -> None:
         self._counts["frames_out"] += 1
         self._counts["bytes_out"] += size
-        self._last_sent = state
-        return size
 
     async def wait(self, max_wait: float | None = None) -> float:
         limiter = self._message_limiter
@@ -263,6 +280,7 @@ class WebSocketManager:
         timeouts = self._counts["heartbeat_timeouts"]
         try:
             async with anyio.create_task_group() as tg:
+                self._conn_tasks = tg
                 tg.start_soon(self._heartbeat, conn, tg.cancel_scope)
                 try:
                     await self._receive(conn)
@@ -275,6 +293,8 @@ class WebSocketManager:
                 reason = self._last_error or "heartbeat timeout"
         finally:
             self._conn = None
+            self._conn_tasks = None
+            self._verify_expected = None
             self._message_limiter = None
             self._connected_since = None
             with anyio.CancelScope(shield=True):
@@ -290,6 +310,8 @@ class WebSocketManager:
     async def _heartbeat(self, conn: Connection, scope: CancelScope) -> None:
         while True:
             await self._clock.sleep(self._heartbeat_interval)
+            if self._text_ping and not await self._send_extra(conn, "PING"):
+                return
             try:
                 self._ping_rtt = await conn.ping(self._heartbeat_timeout)
             except TimeoutError:
@@ -303,6 +325,48 @@ class WebSocketManager:
                 return
             except TransportError:
                 return  # the receive loop sees the same failure
+
+    async def _send_extra(self, conn: Connection, text: str) -> bool:
+        """Send a frame that is not a subscription, charged to this connection's budget."""
+        limiter = self._message_limiter
+        if limiter is None:
+            return False
+        try:
+            await limiter.acquire()
+            await conn.send_text(text)
+        except (LimiterWaitExpired, TransportError) as exc:
+            log.debug("%s: could not send %s: %s", self.channel.value, text[:20], exc)
+            return False
+        self._count_out(len(text.encode()))
+        return True
+
+    async def _verify_later(self, conn: Connection, state: MergedState) -> None:
+        await self._clock.sleep(self._verify_delay)
+        if self._last_sent is not state:
+            return  # a newer request went out; its own check follows
+        self._verify_expected = state
+        self._counts["verifications"] += 1
+        await self._send_extra(conn, encode_list_subscriptions(new_ticket(), self._format))
+
+    def _check_drift(self, reply: SubscriptionList) -> None:
+        expected, self._verify_expected = self._verify_expected, None
+        if expected is None or expected is not self._last_sent:
+            return
+        wanted = _streams((entry.type, entry.codes or ()) for entry in expected.entries)
+        seen = _streams((entry.type, entry.codes or ()) for entry in reply.result)
+        if wanted == seen:
+            self._counts["verified"] += 1
+        else:
+            self._counts["drift_detected"] += 1
+            log.warning(
+                "%s: the exchange's subscriptions differ from the state sent "
+                "(missing %d, unexpected %d); re-sending it",
+                self.channel.value,
+                len(wanted - seen),
+                len(seen - wanted),
+            )
+            if self._batcher is not None:
+                self._batcher.resend()
 
     async def _receive(self, conn: Connection) -> None:
         decode = self._decoder.decode
@@ -337,7 +401,9 @@ class WebSocketManager:
                     await backpressure()
 
     def _control(self, message: Status | ErrorMessage | SubscriptionList) -> None:
-        if isinstance(message, ErrorMessage):
+        if isinstance(message, SubscriptionList):
+            self._check_drift(message)
+        elif isinstance(message, ErrorMessage):
             self._counts["error_frames"] += 1
             self._last_error = f"{message.name}: {message.message}"
             log.error(
@@ -362,3 +428,8 @@ class WebSocketManager:
                 self._on_state(state, detail)
             except Exception:
                 log.exception("%s: connection-state listener failed", self.channel.value)
+
+
+def _streams(entries: Iterable[tuple[str, tuple[str, ...]]]) -> set[tuple[str, str]]:
+    # Whether the exchange echoes depth suffixes is not documented: compare without.
+    return {(kind, code.partition(".")[0]) for kind, codes in entries for code in codes or ("",)}

@@ -171,6 +171,23 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds to wait for a pong before the connection counts as dead.",
     )
+    text_ping: bool = Field(
+        default=False,
+        description=(
+            "Also send the text PING every heartbeat interval (the exchange answers with "
+            '{"status":"UP"}); each one is charged to the message limit.'
+        ),
+    )
+    verify_subscriptions: bool = Field(
+        default=False,
+        description=(
+            "After each request, ask the exchange for its view (LIST_SUBSCRIPTIONS, charged "
+            "to the message limit) and re-send the state if it differs."
+        ),
+    )
+    verify_delay: float = Field(
+        default=1.0, gt=0, description="Seconds after a request before verifying it."
+    )
     rate_limit: RateLimitSettings = Field(
         default_factory=RateLimitSettings, description="Exchange request limits."
     )
