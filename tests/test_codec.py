@@ -12,11 +12,9 @@ protocol cannot hide by being shared.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,6 +22,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from upbit_samples import SAMPLES, needs_samples
 
 from upbus.core.codec import (
     FrameDecoder,
@@ -50,11 +49,6 @@ from upbus.core.messages import (
     SubscriptionList,
     Ticker,
     Trade,
-)
-
-SAMPLES = Path(os.environ.get("UPBUS_SAMPLES", "/work/shared/upbit/samples"))
-needs_samples = pytest.mark.skipif(
-    not SAMPLES.is_dir(), reason=f"Upbit samples not found at {SAMPLES} (set UPBUS_SAMPLES)"
 )
 
 decoder = FrameDecoder()

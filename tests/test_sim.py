@@ -14,12 +14,12 @@ import sys
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import anyio
 import jwt
 import pytest
+from upbit_samples import SAMPLES
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
     ConnectionClosed,
@@ -261,9 +261,7 @@ async def test_unknown_and_lower_case_codes_are_ignored() -> None:
         assert sim.connections[-1].is_open
 
 
-SAMPLE_REQUESTS = json.loads(
-    Path("/work/shared/upbit/samples/requests.json").read_text(encoding="utf-8")
-)["examples"]
+SAMPLE_REQUESTS = json.loads((SAMPLES / "requests.json").read_text(encoding="utf-8"))["examples"]
 
 
 @pytest.mark.parametrize(

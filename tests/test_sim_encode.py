@@ -1,4 +1,4 @@
-"""The simulator's encoder against the real messages in /work/shared/upbit/samples.
+"""The simulator's encoder against the real messages in the shared Upbit samples.
 
 Samples are read keeping each number's raw spelling; re-encoding a sample's values
 must give back the same spellings, and live frames must carry the samples' keys.
@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from upbit_samples import SAMPLES
 from websockets.asyncio.client import ClientConnection, connect
 
 from upbus.sim import SimConfig, Simulator
 from upbus.sim.encode import SCHEMAS, Field, encode_error, encode_message, encode_status
 from upbus.sim.protocol import error_message
 from upbus.sim.spelling import F8, F10, fixed, java_bigdecimal, java_double, plain, plain_dot0
-
-SAMPLES = Path("/work/shared/upbit/samples")
 
 # A 2025 wire capture printed (from raw bytes) in the docs' Java WebSocket example,
 # https://docs.upbit.com/kr/ (Java "Websocket 연결", page updated 2026-01-07). It is

@@ -6,12 +6,12 @@ import base64
 import json
 import uuid
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import anyio
 import jwt
 import pytest
+from upbit_samples import SAMPLES
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -23,7 +23,6 @@ ACCESS = "test-access-key"
 # 64 characters: long enough for HS512 without PyJWT's short-key warning.
 SECRET = "s" * 64
 OTHER = "other-access-key"
-SAMPLES = Path("/work/shared/upbit/samples")
 
 
 def config(**overrides: Any) -> SimConfig:

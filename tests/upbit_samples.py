@@ -1,0 +1,28 @@
+"""Where the real Upbit sample messages are: the project's shared reference material.
+
+They live beside the repository (``../shared/upbit/samples``); ``UPBUS_SAMPLES``
+names another folder. In CI they must be there: tests that need them fail rather
+than skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SAMPLES = Path(
+    os.environ.get(
+        "UPBUS_SAMPLES",
+        Path(__file__).resolve().parents[2] / "shared" / "upbit" / "samples",
+    )
+)
+
+if not SAMPLES.is_dir() and os.environ.get("CI"):
+    raise RuntimeError(f"Upbit samples not found at {SAMPLES} (set UPBUS_SAMPLES)")
+
+# Outside CI a checkout without the reference material still runs the rest.
+needs_samples = pytest.mark.skipif(
+    not SAMPLES.is_dir(), reason=f"Upbit samples not found at {SAMPLES} (set UPBUS_SAMPLES)"
+)
