@@ -16,6 +16,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from upbus.core.batcher import PendingTaskBatcher
+from upbus.core.blocking import BlockingBus
+from upbus.core.bus import Bus
 from upbus.core.errors import (
     ComponentError,
     ConfigError,
@@ -28,6 +30,7 @@ from upbus.core.errors import (
 from upbus.core.hookspecs import hookimpl
 from upbus.core.plugin_manager import PluginManager
 from upbus.core.ratelimit import RollingWindowLimiter
+from upbus.core.router import ConnectionEvent, Subscriber
 from upbus.core.specs import (
     Channel,
     Spec,
@@ -44,9 +47,12 @@ from upbus.core.subscriptions import SubscriptionManager
 from upbus.settings import Settings, load_settings
 
 __all__ = (
+    "BlockingBus",
+    "Bus",
     "Channel",
     "ComponentError",
     "ConfigError",
+    "ConnectionEvent",
     "LimiterWaitExpired",
     "MergedState",
     "PendingTaskBatcher",
@@ -58,6 +64,7 @@ __all__ = (
     "Spec",
     "SpecError",
     "StateChange",
+    "Subscriber",
     "SubscriptionManager",
     "UpbusError",
     "WireEntry",

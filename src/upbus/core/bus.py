@@ -196,8 +196,8 @@ class Bus(AsyncContextManagerMixin):
         component: object,
         specs: SpecsArg,
         *,
-        overflow: Overflow = "conflate",
-        capacity: int = 1024,
+        overflow: Overflow | None = None,
+        capacity: int | None = None,
     ) -> Subscriber:
         """Subscribe ``component`` to ``specs`` (replacing what it had) and return its buffer.
 
@@ -206,8 +206,14 @@ class Bus(AsyncContextManagerMixin):
         events, if defined). Otherwise iterate the returned :class:`Subscriber`:
         ``async for item in subscriber``. ``overflow`` is ``"conflate"`` (the
         newest per (type, code)), ``"drop_oldest"`` or ``"block"`` (lossless, with
-        backpressure); ``capacity`` bounds the buffer.
+        backpressure); ``capacity`` bounds the buffer. A component can declare its
+        own defaults as attributes ``upbus_overflow`` and ``upbus_capacity`` (a
+        recorder wants ``"block"``); the defaults are ``"conflate"`` and 1024.
         """
+        policy: Overflow = (
+            overflow if overflow is not None else getattr(component, "upbus_overflow", "conflate")
+        )
+        size: int = capacity if capacity is not None else getattr(component, "upbus_capacity", 1024)
         parsed = parse_specs(specs)
         self._check_private(parsed)
         self._collect()
@@ -224,7 +230,7 @@ class Bus(AsyncContextManagerMixin):
                     "components by weak reference"
                 ) from None
             label = f"{type(component).__name__}@{key:x}"
-            subscriber = Subscriber(label, capacity, overflow)
+            subscriber = Subscriber(label, size, policy)
             self.subscriptions.register_component(component, parsed)
             self._subscribers[key] = (ref, subscriber)
             if callable(getattr(component, "on_message", None)):

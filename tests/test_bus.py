@@ -1,0 +1,282 @@
+"""Delivery: buffers and overflow policies, narrowing, the last-value cache, isolation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import orjson
+import pytest
+
+import upbus
+from upbus.core.bus import Bus
+from upbus.core.codec import FrameDecoder
+from upbus.core.hookspecs import hookimpl
+from upbus.core.messages import Message, Orderbook, Ticker
+from upbus.core.plugin_manager import PluginManager
+from upbus.core.router import ConnectionEvent, Router, Subscriber
+from upbus.core.specs import Mode, Wish
+from upbus.sim import SimConfig, Simulator
+
+DECODE = FrameDecoder().decode
+
+
+def ticker(code: str, price: float, stream: str = "REALTIME") -> Ticker:
+    """A ticker with the given code, price and stream type; other required fields zeroed."""
+    blank = {str: "", int: 0, float: 0.0, bool: False}
+    values: dict[str, Any] = {
+        f.name: blank.get(f.type, 0.0) for f in msgspec.structs.fields(Ticker) if f.required
+    }
+    values.update(type="ticker", code=code, trade_price=price, stream_type=stream)
+    return Ticker(**values)
+
+
+def book(code: str, units: int, level: float = 0) -> Orderbook:
+    frame = {
+        "type": "orderbook",
+        "code": code,
+        "total_ask_size": float(units),
+        "total_bid_size": float(2 * units),
+        "orderbook_units": [
+            {"ask_price": 100 + i, "bid_price": 99 - i, "ask_size": 1.0, "bid_size": 2.0}
+            for i in range(units)
+        ],
+        "timestamp": 1,
+        "level": level,
+        "stream_type": "REALTIME",
+    }
+    (message,) = DECODE(orjson.dumps(frame))
+    assert isinstance(message, Orderbook)
+    return message
+
+
+# -- buffers ------------------------------------------------------------------------------
+
+
+def test_conflate_keeps_the_newest_per_key_and_events_keep_their_place() -> None:
+    subscriber = Subscriber("s", 8, "conflate")
+    subscriber.put(ticker("KRW-BTC", 1))
+    subscriber.put(ticker("KRW-ETH", 10))
+    subscriber.put(ticker("KRW-BTC", 2))  # replaces the waiting KRW-BTC
+    subscriber.put(ConnectionEvent("public", "gap", "lost"))
+    subscriber.put(ticker("KRW-BTC", 3))  # after the gap: must not jump ahead of it
+    taken = [subscriber.take() for _ in range(len(subscriber))]
+    assert [getattr(t, "trade_price", getattr(t, "state", None)) for t in taken] == [
+        2,
+        10,
+        "gap",
+        3,
+    ]
+    assert subscriber.dropped == 1
+    assert subscriber.take() is None
+
+
+def test_drop_oldest_keeps_the_newest_capacity_items() -> None:
+    subscriber = Subscriber("s", 3, "drop_oldest")
+    for price in range(10):
+        subscriber.put(ticker("KRW-BTC", price))
+    assert [subscriber.take().trade_price for _ in range(3)] == [7, 8, 9]  # type: ignore[union-attr]
+    assert subscriber.dropped == 7
+
+
+@pytest.mark.anyio
+async def test_block_loses_nothing_and_holds_the_producer_until_there_is_room() -> None:
+    subscriber = Subscriber("s", 2, "block")
+    router = Router()
+    router.add(subscriber, [Wish("ticker", "KRW-BTC")])
+    router.deliver([ticker("KRW-BTC", p) for p in range(5)])  # one socket read
+    assert (len(subscriber), subscriber.overflowed, subscriber.dropped) == (5, 3, 0)
+    released = anyio.Event()
+
+    async def producer() -> None:
+        await router.backpressure()
+        released.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(producer)
+        await anyio.wait_all_tasks_blocked()
+        assert not released.is_set()
+        prices = [subscriber.take().trade_price for _ in range(4)]  # type: ignore[union-attr]
+        await released.wait()
+    assert prices == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("policy", "capacity"), [("bogus", 1), ("conflate", 0)], ids=["policy", "capacity"]
+)
+def test_bad_buffer_options_are_refused(policy: Any, capacity: int) -> None:
+    with pytest.raises(ValueError, match=policy if policy == "bogus" else "capacity"):
+        Subscriber("s", capacity, policy)
+
+
+# -- narrowing -------------------------------------------------------------------------------
+
+
+def test_each_subscriber_gets_its_own_depth_level_and_stream_type() -> None:
+    router = Router()
+    five, full, grouped = (Subscriber(n, 8, "drop_oldest") for n in ("five", "full", "grouped"))
+    snaps, live = Subscriber("snaps", 8, "drop_oldest"), Subscriber("live", 8, "drop_oldest")
+    router.add(five, [Wish("orderbook", "KRW-BTC", 0, 5)])
+    router.add(full, [Wish("orderbook", "KRW-BTC", 0, 30)])
+    router.add(grouped, [Wish("orderbook", "KRW-BTC", 1000, 30)])
+    router.add(snaps, [Wish("ticker", "KRW-BTC", mode=Mode.SNAPSHOT)])
+    router.add(live, [Wish("ticker", "KRW-BTC", mode=Mode.REALTIME)])
+    router.deliver([book("KRW-BTC", 15), ticker("KRW-BTC", 1, "SNAPSHOT"), ticker("KRW-BTC", 2)])
+
+    trimmed = five.take()
+    assert isinstance(trimmed, Orderbook)
+    assert len(trimmed.orderbook_units) == 5
+    assert (trimmed.total_ask_size, trimmed.total_bid_size) == (5.0, 10.0)
+    whole = full.take()
+    assert isinstance(whole, Orderbook)
+    assert len(whole.orderbook_units) == 15
+    assert len(grouped) == 0  # a level-1000 book is another stream
+    assert [m.stream_type for m in (snaps.take(), live.take())] == ["SNAPSHOT", "REALTIME"]  # type: ignore[union-attr]
+    assert len(snaps) == len(live) == 0
+
+
+# -- through the bus and the simulator ------------------------------------------------------
+
+
+class Counter:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.count = 0
+        self.seen = anyio.Event()
+
+    async def on_message(self, message: Message) -> None:
+        self.count += 1
+        self.seen.set()
+        if self.delay:
+            await anyio.sleep(self.delay)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimConfig(rate=400.0)) as simulator:
+        yield simulator
+
+
+def settings_for(sim: Simulator, **extra: Any) -> upbus.Settings:
+    return upbus.Settings(
+        public_url=sim.public_url, private_url=sim.private_url, debounce=0.02, **extra
+    )
+
+
+@pytest.mark.anyio
+async def test_a_slow_subscriber_never_slows_a_fast_one(sim: Simulator) -> None:
+    specs = [upbus.ticker("KRW-BTC", "KRW-ETH", "KRW-XRP")]
+    async with Bus(settings_for(sim)) as bus:
+        fast, slow, lossy = Counter(), Counter(delay=0.05), Counter(delay=0.05)
+        await bus.register_component(fast, specs, overflow="drop_oldest", capacity=10_000)
+        await bus.register_component(slow, specs)  # conflate
+        await bus.register_component(lossy, specs, overflow="drop_oldest", capacity=4)
+        with anyio.fail_after(10):
+            while bus.get_connection_metrics()["public"]["messages_in"] < 300:
+                await fast.seen.wait()
+                fast.seen = anyio.Event()
+        await anyio.wait_all_tasks_blocked()
+        received = bus.get_connection_metrics()["public"]["messages_in"]
+        dropped = {
+            (s["policy"], s["capacity"]): s["dropped"]
+            for s in bus.get_subscription_stats()["subscribers"]
+        }
+    assert fast.count == received  # every message, at full rate
+    assert dropped[("drop_oldest", 10_000)] == 0
+    assert slow.count < received / 2
+    assert dropped[("conflate", 1024)] > 0
+    assert lossy.count < received / 2
+    assert dropped[("drop_oldest", 4)] > 0
+
+
+@pytest.mark.anyio
+async def test_a_late_joiner_gets_the_cached_value_without_a_new_request(sim: Simulator) -> None:
+    async with Bus(settings_for(sim)) as bus:
+        first = Counter()
+        await bus.register_component(first, upbus.ticker("KRW-BTC"))
+        with anyio.fail_after(5):
+            await first.seen.wait()
+        requests = len(sim.requests)
+        late = Counter()
+        subscriber = await bus.register_component(late, upbus.ticker("KRW-BTC"), overflow="block")
+        assert len(subscriber) == 1  # served from the cache at once
+        with anyio.fail_after(5):
+            await late.seen.wait()
+        assert isinstance(late, Counter)
+        assert len(sim.requests) == requests
+
+
+@pytest.mark.anyio
+async def test_a_raising_component_or_plugin_does_not_disturb_the_others(sim: Simulator) -> None:
+    class Broken:
+        async def on_message(self, message: Message) -> None:
+            raise RuntimeError("consumer bug")
+
+    broken, healthy = Broken(), Counter()
+
+    class BrokenPlugin:
+        @hookimpl
+        def upbus_startup(self, bus: Any) -> None:
+            raise RuntimeError("plugin bug")
+
+        @hookimpl
+        def upbus_components(self, settings: Any) -> list[tuple[object, Any]]:
+            return [(broken, upbus.ticker("KRW-BTC"))]
+
+    class HealthyPlugin:
+        started = False
+
+        @hookimpl
+        def upbus_startup(self, bus: Any) -> None:
+            HealthyPlugin.started = True
+
+        @hookimpl
+        def upbus_components(self, settings: Any) -> list[tuple[object, Any]]:
+            return [(healthy, upbus.ticker("KRW-BTC"))]
+
+    settings = settings_for(sim)
+    plugins = PluginManager.load(settings)
+    plugins.register(BrokenPlugin(), "broken")
+    plugins.register(HealthyPlugin(), "healthy")
+    async with Bus(settings, plugins=plugins) as bus:
+        with anyio.fail_after(10):
+            while healthy.count < 20:
+                await healthy.seen.wait()
+                healthy.seen = anyio.Event()
+        failures = {
+            s["subscriber"].split("@")[0]: s["failures"]
+            for s in bus.get_subscription_stats()["subscribers"]
+        }
+    assert HealthyPlugin.started
+    assert plugins.failures["broken"] == 1
+    assert failures["Broken"] > 0
+    assert failures["Counter"] == 0
+
+
+def test_blocking_bus_serves_code_outside_the_event_loop() -> None:
+    class Window:
+        pass
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        sim_cm = portal.wrap_async_context_manager(Simulator(SimConfig(rate=200.0)))
+        with sim_cm as sim:
+            results: list[Any] = []
+
+            def gui_thread() -> None:
+                window = Window()
+                with upbus.BlockingBus(settings_for(sim)) as bus:
+                    subscriber = bus.register_component(window, upbus.ticker("KRW-ETH"))
+                    results.extend(bus.iterate(subscriber, limit=5, timeout=5))
+                    results.append(bus.unregister_component(window))
+
+            thread = threading.Thread(target=gui_thread)
+            thread.start()
+            thread.join(30)
+    assert not thread.is_alive()
+    messages = [item for item in results[:-1] if isinstance(item, Ticker)]
+    assert [m.code for m in messages] == ["KRW-ETH"] * len(messages)
+    assert len(results) == 6
+    assert results[-1] is True
