@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -37,8 +38,25 @@ def _run(func: Callable[[], Awaitable[None]]) -> None:
         anyio.run(guarded)
     except UpbusError as exc:
         raise click.ClickException(str(exc)) from None
+    except BaseExceptionGroup as group:
+        # The bus's tasks fail inside task groups; the user needs the one line.
+        error = _first_upbus_error(group)
+        if error is None:
+            raise
+        raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass
+
+
+def _first_upbus_error(group: BaseExceptionGroup[BaseException]) -> UpbusError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, UpbusError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_upbus_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
@@ -57,8 +75,11 @@ def _settings(**overrides: Any) -> Settings:
 
 @click.group()
 @click.version_option(upbus.__version__, prog_name="upbus")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
     """upbus: one merged, rate-limited set of Upbit subscriptions for many components."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.command(
@@ -115,10 +136,22 @@ def _watch_specs(kind: str, codes: tuple[str, ...]) -> list[Spec]:
 @click.option("--url", help="Public WebSocket URL (default: the setting public_url).")
 @click.option("--count", type=click.IntRange(min=1), help="Exit 0 after this many messages.")
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table")
-def watch(kind: str, codes: tuple[str, ...], url: str | None, count: int | None, fmt: str) -> None:
+@click.option(
+    "--attempts",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Give up after this many failed connects in a row.",
+)
+def watch(
+    kind: str, codes: tuple[str, ...], url: str | None, count: int | None, fmt: str, attempts: int
+) -> None:
     """Print live messages of TYPE for CODES (json: one DEFAULT-named object per line)."""
     specs = _watch_specs(kind, codes)
     settings = _settings(public_url=url)
+    settings = settings.model_copy(
+        update={"reconnect": settings.reconnect.model_copy(update={"max_attempts": attempts})}
+    )
 
     async def body() -> None:
         watcher = _Printer(fmt, count)

@@ -141,6 +141,7 @@ class Bus(AsyncContextManagerMixin):
             reconnect_initial=settings.reconnect.initial,
             reconnect_max=settings.reconnect.maximum,
             reconnect_multiplier=settings.reconnect.multiplier,
+            max_attempts=settings.reconnect.max_attempts,
         )
         batcher = self.plugins.make_batcher(channel, settings, self.subscriptions, manager, manager)
         manager.attach(batcher)

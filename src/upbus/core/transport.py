@@ -15,6 +15,7 @@ from typing import Protocol
 from upbus.core.errors import UpbusError
 
 __all__ = (
+    "ConnectFailed",
     "Connection",
     "ConnectionClosed",
     "HandshakeRejected",
@@ -44,6 +45,10 @@ class ConnectionClosed(TransportError):
         self.code = code
         self.reason = reason
         super().__init__(f"connection closed (code {code}{', ' + reason if reason else ''})")
+
+
+class ConnectFailed(TransportError):
+    """A channel gave up connecting after its configured number of attempts."""
 
 
 class NotConnected(TransportError):

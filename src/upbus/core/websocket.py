@@ -35,6 +35,7 @@ from upbus.core.state import MergedState, StateChange
 from upbus.core.subscriptions import SubscriptionManager
 from upbus.core.transport import (
     Connection,
+    ConnectFailed,
     ConnectionClosed,
     HandshakeRejected,
     NotConnected,
@@ -86,6 +87,7 @@ class WebSocketManager:
         reconnect_initial: float = 0.5,
         reconnect_max: float = 30.0,
         reconnect_multiplier: float = 2.0,
+        max_attempts: int | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -108,6 +110,7 @@ class WebSocketManager:
         self._verify_expected: MergedState | None = None
         self._conn_tasks: TaskGroup | None = None
         self._reconnect = (reconnect_initial, reconnect_max, reconnect_multiplier)
+        self._max_attempts = max_attempts
         self._clock = clock or AnyioClock()
         self._rng = rng or random.Random()
         self._decoder = FrameDecoder()
@@ -208,6 +211,11 @@ class WebSocketManager:
             conn = await self._connect()
             if conn is None:
                 attempt += 1
+                if self._max_attempts is not None and attempt >= self._max_attempts:
+                    raise ConnectFailed(
+                        f"{self.channel.value}: gave up after {attempt} failed connect "
+                        f"attempt(s) to {self.url}: {self._last_error}"
+                    )
                 await self._back_off(attempt)
                 continue
             carried = await self._serve(conn)

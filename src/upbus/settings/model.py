@@ -108,6 +108,14 @@ class ReconnectSettings(BaseModel):
     multiplier: float = Field(
         default=2.0, gt=1, description="Factor the delay grows by after a failure."
     )
+    max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Give up after this many failed connects in a row (the bus then stops with "
+            "an error); unset: never give up."
+        ),
+    )
 
     @field_validator("maximum")
     @classmethod
