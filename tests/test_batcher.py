@@ -185,6 +185,23 @@ async def test_changes_that_leave_the_state_as_sent_send_nothing() -> None:
 
 
 @pytest.mark.anyio
+async def test_ending_the_stream_is_not_a_request() -> None:
+    manager, sink = SubscriptionManager(), RecordingSink()
+    limiter = RollingWindowLimiter("test", [(5, 1.0)])
+    batcher = make(manager, sink, limiter)
+    a = Component()
+    async with anyio.create_task_group() as tg:
+        batcher.start(tg)
+        manager.register_component(a, ticker("KRW-BTC"))
+        await anyio.sleep(5)
+        manager.unregister_component(a)
+        await anyio.sleep(5)
+    assert sink.requests() == [[{"type": "ticker", "codes": ["KRW-BTC"]}], []]
+    assert batcher.status()["requests_sent"] == 1
+    assert limiter.status()["granted"] == 1
+
+
+@pytest.mark.anyio
 async def test_a_limiter_expiry_keeps_the_state_pending_until_it_is_sent() -> None:
     manager, sink = SubscriptionManager(), RecordingSink()
     limiter = RollingWindowLimiter("test", [(5, 1.0)], backoff_initial=4.0, backoff_max=8.0)
@@ -261,6 +278,7 @@ async def test_the_send_span_links_every_change_it_carried() -> None:
     creates = [s for s in spans if s.name == "create upbit.public"]
     (send,) = [s for s in spans if s.name == "send upbit.public"]
     assert len(creates) == 3
+    assert send.parent is None  # a root span: it carries many callers' changes
     assert all(
         s.parent is not None and s.parent.span_id == user_span.get_span_context().span_id
         for s in creates

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
@@ -138,6 +138,21 @@ def test_each_subscriber_gets_its_own_depth_level_and_stream_type() -> None:
     assert len(snaps) == len(live) == 0
 
 
+def test_a_snapshot_only_late_joiner_gets_the_cached_state_as_its_snapshot() -> None:
+    router = Router()
+    early = Subscriber("early", 8, "drop_oldest")
+    router.add(early, [Wish("ticker", "KRW-BTC")])
+    router.deliver([ticker("KRW-BTC", 5, "REALTIME")])
+    late = Subscriber("late", 8, "drop_oldest")
+    router.add(late, [Wish("ticker", "KRW-BTC", mode=Mode.SNAPSHOT)])
+    cached = late.take()
+    assert isinstance(cached, Ticker)
+    assert cached.trade_price == 5
+    realtime_only = Subscriber("rt", 8, "drop_oldest")
+    router.add(realtime_only, [Wish("ticker", "KRW-BTC", mode=Mode.REALTIME)])
+    assert len(realtime_only) == 0  # it wants only what happens from now on
+
+
 # -- through the bus and the simulator ------------------------------------------------------
 
 
@@ -228,6 +243,11 @@ async def test_a_raising_component_or_plugin_does_not_disturb_the_others(sim: Si
 
     class HealthyPlugin:
         started = False
+        requests: ClassVar[list[int]] = []
+
+        @hookimpl
+        def upbus_request_sent(self, channel: Any, state: Any, size: int) -> None:
+            HealthyPlugin.requests.append(size)
 
         @hookimpl
         def upbus_startup(self, bus: Any) -> None:
@@ -251,6 +271,8 @@ async def test_a_raising_component_or_plugin_does_not_disturb_the_others(sim: Si
             for s in bus.get_subscription_stats()["subscribers"]
         }
     assert HealthyPlugin.started
+    assert len(HealthyPlugin.requests) == 1
+    assert HealthyPlugin.requests[0] > 0
     assert plugins.failures["broken"] == 1
     assert failures["Broken"] > 0
     assert failures["Counter"] == 0

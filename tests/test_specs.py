@@ -59,6 +59,15 @@ def test_exchange_request_objects_paste_straight_in() -> None:
     ]
 
 
+def test_codes_with_different_depth_suffixes_become_one_spec_per_depth() -> None:
+    specs = parse_specs({"type": "orderbook", "codes": ["KRW-BTC.5", "KRW-ETH.15", "KRW-XRP"]})
+    assert specs == [
+        orderbook("KRW-BTC", depth=5),
+        orderbook("KRW-ETH", depth=15),
+        orderbook("KRW-XRP"),
+    ]
+
+
 def test_a_list_of_codes_is_accepted_and_stored_as_a_tuple() -> None:
     spec = Spec("ticker", ["KRW-BTC"])  # type: ignore[arg-type]
     assert spec.codes == ("KRW-BTC",)
@@ -89,11 +98,6 @@ def test_a_list_of_codes_is_accepted_and_stored_as_a_tuple() -> None:
             lambda: parse_specs({"type": "ticker", "codes": ["KRW-BTC"], "isOnlySnapshot": "yes"}),
             "specs[0].isOnlySnapshot",
             "true or false",
-        ),
-        (
-            lambda: parse_specs({"type": "orderbook", "codes": ["KRW-BTC.5", "KRW-ETH.15"]}),
-            "specs[0].codes[1]",
-            "one depth",
         ),
         (
             lambda: parse_specs([ticker("KRW-BTC"), {"type": "myAsset", "codes": ["KRW-BTC"]}]),

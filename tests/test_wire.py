@@ -170,7 +170,8 @@ async def test_a_stalled_connection_is_found_by_the_heartbeat_and_replaced(
 
 @pytest.mark.anyio
 async def test_error_frames_and_garbage_are_survived(sim: Simulator) -> None:
-    async with make_bus(sim) as bus:
+    limits = {"backoff_initial": 0.2, "backoff_max": 1.0}
+    async with make_bus(sim, rate_limit=limits) as bus:
         chart = Recorder()
         await bus.register_component(chart, upbus.ticker("KRW-BTC"))
         (first,) = await sim.wait_for_requests(1)
@@ -196,6 +197,8 @@ async def test_error_frames_and_garbage_are_survived(sim: Simulator) -> None:
         assert metrics["last_error"] is not None
         status = bus.get_rate_limiter_status()
         assert status["connect"]["ip"]["granted"] == 5
+        # "Too many requests" outlives the connection it came on: the reconnect waited.
+        assert status["connect"]["ip"]["back_offs"] == 1
     assert list(sim.violations) == []
 
 

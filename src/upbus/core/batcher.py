@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from anyio.abc import TaskGroup
+from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, Tracer
 
 from upbus.core import telemetry
@@ -214,8 +215,11 @@ class PendingTaskBatcher:
             await clock.sleep(self._debounce)
         debounce_wait = clock.now() - started
 
-        if self._is_sent(self._source()):
+        state = self._source()
+        if self._is_sent(state):
             return self._nothing_to_send()
+        if not state.entries:
+            return await self._send_empty(state)
 
         self._phase = "limiter"
         started = clock.now()
@@ -241,6 +245,20 @@ class PendingTaskBatcher:
         if not await self._send(state, links, coalesced, debounce_wait, limiter_wait):
             return False
         # A change during the waits or the send has a newer version: go round again.
+        return self._current_version() != state.version
+
+    async def _send_empty(self, state: MergedState) -> bool:
+        # Nothing is wanted any more. There is no unsubscribe message: the sink ends
+        # the stream by closing the connection, which is not a request and takes no
+        # slot from the message budget.
+        self._links, self._coalesced = [], 0
+        log.info("%s: nothing subscribed any more; ending the stream", self.channel.value)
+        try:
+            await self._sink.send_state(state)
+        except Exception as exc:
+            log.debug("%s: ending the stream: %s", self.channel.value, exc)
+        self._sent_entries = ()
+        self._sent_version = state.version
         return self._current_version() != state.version
 
     def _nothing_to_send(self) -> bool:
@@ -273,6 +291,9 @@ class PendingTaskBatcher:
         )
         with self._tracer.start_as_current_span(
             f"send upbit.{channel}",
+            # A root span: the task inherited the context of whoever created it, but
+            # it carries many callers' changes, each of them linked below.
+            context=Context(),
             kind=SpanKind.CLIENT,
             links=links,
             record_exception=True,

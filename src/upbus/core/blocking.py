@@ -11,10 +11,10 @@ methods are safe to call from any other thread::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -24,6 +24,8 @@ from upbus.core.router import Item, Overflow, Subscriber
 from upbus.core.subscriptions import SpecsArg
 
 __all__ = ("BlockingBus",)
+
+T = TypeVar("T")
 
 
 class BlockingBus(AbstractContextManager["BlockingBus"]):
@@ -64,7 +66,7 @@ class BlockingBus(AbstractContextManager["BlockingBus"]):
 
     @property
     def bus(self) -> Bus:
-        """The underlying bus (its debug entry points are safe to read from here)."""
+        """The underlying bus; call its methods through :meth:`call`, not directly."""
         if self._bus is None:
             raise RuntimeError("the bus is not running: use `with BlockingBus() as bus:`")
         return self._bus
@@ -73,6 +75,26 @@ class BlockingBus(AbstractContextManager["BlockingBus"]):
         if self._portal is None:
             raise RuntimeError("the bus is not running: use `with BlockingBus() as bus:`")
         return self._portal
+
+    def call(self, func: Callable[..., T], *args: Any) -> T:
+        """Run a synchronous ``func(*args)`` in the bus's loop thread and return its result."""
+        return self._call_portal().call(func, *args)
+
+    def get_subscription_stats(self) -> dict[str, Any]:
+        """:meth:`Bus.get_subscription_stats`, from any thread."""
+        return self.call(self.bus.get_subscription_stats)
+
+    def get_connection_metrics(self) -> dict[str, Any]:
+        """:meth:`Bus.get_connection_metrics`, from any thread."""
+        return self.call(self.bus.get_connection_metrics)
+
+    def get_rate_limiter_status(self) -> dict[str, Any]:
+        """:meth:`Bus.get_rate_limiter_status`, from any thread."""
+        return self.call(self.bus.get_rate_limiter_status)
+
+    def get_pending_task_status(self) -> dict[str, Any]:
+        """:meth:`Bus.get_pending_task_status`, from any thread."""
+        return self.call(self.bus.get_pending_task_status)
 
     def register_component(
         self,

@@ -25,7 +25,7 @@ from opentelemetry.trace import TracerProvider
 
 from upbus.core.auth import bearer_headers
 from upbus.core.batcher import Batcher
-from upbus.core.errors import ComponentError, ConfigError
+from upbus.core.errors import ComponentError, ConfigError, UpbusError
 from upbus.core.plugin_manager import PluginManager
 from upbus.core.ratelimit import RollingWindowLimiter
 from upbus.core.router import ConnectionEvent, Overflow, Router, Subscriber
@@ -64,6 +64,8 @@ class Bus(AsyncContextManagerMixin):
         tracer_provider: TracerProvider | None = None,
         **overrides: Any,
     ) -> None:
+        if settings is not None and overrides:
+            raise TypeError("pass either settings or keyword overrides, not both")
         self.settings = settings if settings is not None else load_settings(**overrides)
         self.plugins = plugins if plugins is not None else PluginManager.load(self.settings)
         self._tracer = get_tracer(tracer_provider)
@@ -93,8 +95,13 @@ class Bus(AsyncContextManagerMixin):
             for awaitable in self.plugins.startup(self):
                 await awaitable
             for component, specs in self.plugins.components(self.settings):
+                try:
+                    await self.register_component(component, specs)
+                except UpbusError as exc:
+                    # One plugin's bad specs must not keep the bus from starting.
+                    log.error("a plugin's component %r was not registered: %s", component, exc)
+                    continue
                 self._plugin_components.append(component)
-                await self.register_component(component, specs)
             try:
                 yield self
             finally:
@@ -131,6 +138,7 @@ class Bus(AsyncContextManagerMixin):
             deliver=self.router.deliver,
             backpressure=self.router.backpressure,
             on_state=lambda state, detail: self._connection_state(channel, state, detail),
+            on_sent=lambda state, size: self.plugins.request_sent(channel, state, size),
             headers=headers,
             fmt=settings.format,
             heartbeat_interval=settings.heartbeat_interval,
@@ -143,7 +151,9 @@ class Bus(AsyncContextManagerMixin):
             reconnect_multiplier=settings.reconnect.multiplier,
             max_attempts=settings.reconnect.max_attempts,
         )
-        batcher = self.plugins.make_batcher(channel, settings, self.subscriptions, manager, manager)
+        batcher = self.plugins.make_batcher(
+            channel, settings, self.subscriptions, manager, manager, self._tracer
+        )
         manager.attach(batcher)
 
         def notify(change: StateChange) -> None:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
     from upbus.core.batcher import Batcher, RequestLimiter, RequestSink
     from upbus.core.merge import Merger
     from upbus.core.ratelimit import RollingWindowLimiter
@@ -68,6 +70,7 @@ class UpbusHookSpecs:
         manager: SubscriptionManager,
         sink: RequestSink,
         limiter: RequestLimiter,
+        tracer: Tracer,
     ) -> Batcher | None:
         """Make the batcher that sends ``channel``'s merged state through ``sink``.
 
@@ -76,6 +79,7 @@ class UpbusHookSpecs:
         :param manager: the subscription manager whose state is sent.
         :param sink: the connection the requests go to.
         :param limiter: the connection's request limiter.
+        :param tracer: where its send spans go (the bus's tracer).
         :returns: a :class:`~upbus.core.batcher.Batcher`, or ``None``. Default: one
             pending task per connection
             (:class:`~upbus.core.batcher.PendingTaskBatcher`).
@@ -87,8 +91,8 @@ class UpbusHookSpecs:
     ) -> RollingWindowLimiter | None:
         """Make a rate limiter.
 
-        :param kind: ``"connect"`` (connection attempts of one scope, shared by the
-            whole process) or ``"message"`` (request messages of one connection).
+        :param kind: ``"connect"`` (connection attempts of one scope, shared by
+            every connection of the bus) or ``"message"`` (request messages of one connection).
         :param scope: what the limit counts: ``"ip"`` or ``"account:<id>"`` for
             connects, the connection's name for messages.
         :param settings: the effective settings (``rate_limit``).

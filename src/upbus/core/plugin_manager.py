@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pluggy
+from opentelemetry.trace import Tracer
 
 from upbus.core.errors import PluginError, PluginLoadError
 from upbus.core.hookspecs import PROJECT, UpbusHookSpecs
+from upbus.core.telemetry import get_tracer
 
 if TYPE_CHECKING:
     from upbus.core.batcher import Batcher, RequestLimiter, RequestSink
@@ -319,6 +321,7 @@ class PluginManager:
         manager: SubscriptionManager,
         sink: RequestSink,
         limiter: RequestLimiter,
+        tracer: Tracer | None = None,
     ) -> Batcher:
         """The batcher for ``channel``'s connection (hook ``upbus_make_batcher``)."""
         result = self._provide(
@@ -328,6 +331,7 @@ class PluginManager:
             manager=manager,
             sink=sink,
             limiter=limiter,
+            tracer=tracer if tracer is not None else get_tracer(),
         )
         return cast("Batcher", result)
 

@@ -217,11 +217,14 @@ class Router:
         for (kind, code), key_wishes in by_key.items():
             for wish in key_wishes:
                 cached = self._last.get((kind, code, wish.level))
-                if cached is not None and wish.mode is not Mode.REALTIME:
-                    narrowed = _narrow(cached, wish, {})
-                    if narrowed is not None:
-                        subscriber.put(narrowed)
-                        break
+                if cached is None or wish.mode is Mode.REALTIME:
+                    continue
+                # The cached message is the current state, whatever its stream
+                # type: a snapshot-only joiner gets it as its snapshot.
+                narrowed = _narrow(cached, Wish(kind, code, wish.level, wish.depth), {})
+                if narrowed is not None:
+                    subscriber.put(narrowed)
+                    break
 
     def remove(self, subscriber: Subscriber) -> None:
         for key in subscriber.wishes:

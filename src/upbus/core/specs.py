@@ -247,7 +247,7 @@ def my_asset() -> Spec:
     return Spec("myAsset")
 
 
-def _from_mapping(obj: Mapping[str, Any], where: str) -> Spec:
+def _from_mapping(obj: Mapping[str, Any], where: str) -> list[Spec]:
     unknown = sorted(set(obj) - _SPEC_KEYS)
     if unknown:
         raise SpecError(f"{where}.{unknown[0]}", "is not a subscription field")
@@ -266,21 +266,17 @@ def _from_mapping(obj: Mapping[str, Any], where: str) -> Spec:
         raise SpecError(f"{where}.codes", f"must be a list of strings, got {raw_codes!r}")
     if "codes" in obj and not raw_codes and kind not in ("myOrder", "myAsset"):
         raise SpecError(f"{where}.codes", "is empty")
-    codes: list[str] = []
-    depth: int | None = None
+    # Orderbook codes may carry their own depth suffix ("KRW-BTC.15"); codes of
+    # one depth become one spec, as the exchange treats each code on its own.
+    by_depth: dict[int | None, list[str]] = {}
     for index, code in enumerate(raw_codes):
+        depth: int | None = None
         if kind == "orderbook" and isinstance(code, str) and "." in code:
             code, _, suffix = code.partition(".")
             if not suffix.isdigit():
                 raise SpecError(f"{where}.codes[{index}]", f"{suffix!r} is not a depth")
-            code_depth = int(suffix)
-            if depth is not None and depth != code_depth:
-                raise SpecError(
-                    f"{where}.codes[{index}]",
-                    "all codes of one orderbook object must share one depth suffix",
-                )
-            depth = code_depth
-        codes.append(code)
+            depth = int(suffix)
+        by_depth.setdefault(depth, []).append(code)
     level = obj.get("level", 0)
     if isinstance(level, str):  # the docs call level a numeric string
         try:
@@ -290,7 +286,10 @@ def _from_mapping(obj: Mapping[str, Any], where: str) -> Spec:
         if level.is_integer():
             level = int(level)
     try:
-        return Spec(kind, tuple(codes), depth=depth, level=level, **flags)
+        return [
+            Spec(kind, tuple(codes), depth=depth, level=level, **flags)
+            for depth, codes in (by_depth or {None: []}).items()
+        ]
     except SpecError as exc:
         raise SpecError(f"{where}.{exc.field}", str(exc).partition(": ")[2]) from None
 
@@ -320,7 +319,7 @@ def parse_specs(specs: Spec | Mapping[str, Any] | Iterable[Spec | Mapping[str, A
         elif isinstance(item, Mapping):
             if "type" not in item and (set(item) <= {"ticket", "format"}) and item:
                 continue
-            parsed.append(_from_mapping(item, where))
+            parsed.extend(_from_mapping(item, where))
         else:
             raise SpecError(where, f"must be a Spec or a mapping, got {type(item).__name__}")
     return parsed

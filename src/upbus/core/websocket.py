@@ -34,8 +34,8 @@ from upbus.core.specs import Channel
 from upbus.core.state import MergedState, StateChange
 from upbus.core.subscriptions import SubscriptionManager
 from upbus.core.transport import (
-    Connection,
     ConnectFailed,
+    Connection,
     ConnectionClosed,
     HandshakeRejected,
     NotConnected,
@@ -77,6 +77,7 @@ class WebSocketManager:
         deliver: Callable[[list[Message]], None],
         backpressure: Callable[[], Awaitable[None]] | None = None,
         on_state: Callable[[str, str], None] | None = None,
+        on_sent: Callable[[MergedState, int], None] | None = None,
         headers: Callable[[], Mapping[str, str]] = dict,
         fmt: str = "DEFAULT",
         heartbeat_interval: float = 30.0,
@@ -100,6 +101,7 @@ class WebSocketManager:
         self._deliver = deliver
         self._backpressure = backpressure
         self._on_state = on_state
+        self._on_sent = on_sent
         self._headers = headers
         self._format = fmt
         self._heartbeat_interval = heartbeat_interval
@@ -123,6 +125,7 @@ class WebSocketManager:
         self._state = "idle"
         self._connected_since: float | None = None
         self._last_error: str | None = None
+        self._error_frame: str | None = None
         self._last_sent: MergedState | None = None
         self._ping_rtt: float | None = None
         self._last_message_time: float | None = None
@@ -167,6 +170,8 @@ class WebSocketManager:
         size = len(text.encode())
         self._count_out(size)
         self._last_sent = state
+        if self._on_sent is not None:
+            self._on_sent(state, size)
         if self._verify and self._conn_tasks is not None:
             self._conn_tasks.start_soon(self._verify_later, conn, state)
         return size
@@ -285,6 +290,7 @@ class WebSocketManager:
         if self._batcher is not None:
             self._batcher.resend()  # invariant 7: the first request is the whole state
         reason = "closed"
+        self._error_frame = None
         timeouts = self._counts["heartbeat_timeouts"]
         try:
             async with anyio.create_task_group() as tg:
@@ -299,6 +305,8 @@ class WebSocketManager:
                 tg.cancel_scope.cancel()
             if self._counts["heartbeat_timeouts"] != timeouts:
                 reason = self._last_error or "heartbeat timeout"
+            elif self._error_frame is not None:
+                reason = f"closed after error {self._error_frame}"
         finally:
             self._conn = None
             self._conn_tasks = None
@@ -421,10 +429,13 @@ class WebSocketManager:
                 message.message,
             )
             if message.name in TOO_MANY or message.name in BANNED:
+                # The server closes this connection next, and the new one gets a
+                # fresh message budget: the back-off must outlive both, so the
+                # reconnect itself waits (the connect limiter of this scope).
                 if self._message_limiter is not None:
                     self._message_limiter.back_off()
-                if message.name in BANNED:
-                    self._connect_limiter.back_off()
+                self._connect_limiter.back_off()
+            self._error_frame = self._last_error
             # The server closes the connection after an error; the reconnect
             # re-sends the whole wanted state, which was never dropped.
 

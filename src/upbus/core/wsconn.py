@@ -44,7 +44,7 @@ from upbus.core.transport import ConnectionClosed, HandshakeRejected, TransportE
 
 __all__ = ("HttpxWsTransport", "NetworkStream", "WsConnection", "accept_token", "safe_url")
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("upbus.transport")
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 _READ_SIZE = 65_536

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from opentelemetry.trace import Tracer
+
 from upbus.core.batcher import Batcher, PendingTaskBatcher, RequestLimiter, RequestSink
 from upbus.core.hookspecs import hookimpl
 from upbus.core.specs import Channel
@@ -16,6 +18,7 @@ def upbus_make_batcher(
     manager: SubscriptionManager,
     sink: RequestSink,
     limiter: RequestLimiter,
+    tracer: Tracer,
 ) -> Batcher:
     return PendingTaskBatcher(
         channel,
@@ -25,4 +28,5 @@ def upbus_make_batcher(
         limiter=limiter,
         debounce=settings.debounce,
         max_wait=settings.rate_limit.max_wait,
+        tracer=tracer,
     )

@@ -100,7 +100,12 @@ class ReconnectSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     initial: float = Field(
-        default=0.5, gt=0, description="Seconds before the first reconnect attempt."
+        default=0.5,
+        gt=0,
+        description=(
+            "Upper bound, in seconds, of the random delay before the first retry (a "
+            "connection that carried data reconnects at once)."
+        ),
     )
     maximum: float = Field(
         default=30.0, gt=0, description="Longest delay, in seconds, between attempts."
@@ -172,12 +177,15 @@ class Settings(BaseSettings):
         description="Seconds to gather subscription changes into one request.",
     )
     heartbeat_interval: float = Field(
-        default=30.0, gt=0, description="Seconds between pings on an otherwise idle connection."
+        default=30.0, gt=0, description="Seconds between protocol pings on each connection."
     )
     heartbeat_timeout: float = Field(
         default=10.0,
         gt=0,
-        description="Seconds to wait for a pong before the connection counts as dead.",
+        description=(
+            "Seconds to wait for a pong before the connection counts as dead; also bounds "
+            "the upgrade request and each closing step."
+        ),
     )
     text_ping: bool = Field(
         default=False,
