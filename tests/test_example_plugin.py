@@ -1,0 +1,67 @@
+"""The example plugin distribution under examples/ is found by entry point and runs."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import anyio
+import pytest
+
+import upbus
+from upbus.core.plugin_manager import PluginManager
+from upbus.sim import SimConfig, Simulator
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "upbus-spread-monitor"
+
+
+@pytest.fixture
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example's metadata on the path, as pip would install it (without copying code)."""
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    info = tmp_path / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
+    points = project["entry-points"]["upbus"]
+    lines = "".join(f"{name} = {target}\n" for name, target in points.items())
+    (info / "entry_points.txt").write_text(f"[upbus]\n{lines}")
+    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.usefixtures("installed")
+def test_the_example_is_discovered_with_its_distribution() -> None:
+    plugins = PluginManager.load(upbus.Settings())
+    (info,) = [i for i in plugins.report() if i.name == "spread_monitor"]
+    assert (info.state, info.distribution, info.version) == (
+        "loaded",
+        "upbus-spread-monitor",
+        "0.1.0",
+    )
+    assert info.hooks == ("upbus_components", "upbus_shutdown")
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("installed")
+async def test_the_example_runs_through_the_bus() -> None:
+    import upbus_spread_monitor
+
+    async with Simulator(SimConfig(rate=200.0)) as sim:
+        settings = upbus.Settings(
+            public_url=sim.public_url,
+            private_url=sim.private_url,
+            plugins={"spread_monitor": {"enabled": True, "codes": ["KRW-BTC", "KRW-ETH"]}},
+        )
+        async with upbus.Bus(settings) as bus:
+            (monitor,) = upbus_spread_monitor.monitors
+            # The example's component has no event to wait on: poll its state, bounded.
+            with anyio.fail_after(10):
+                while len(monitor.spreads) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            assert set(monitor.spreads) == {"KRW-BTC", "KRW-ETH"}
+            assert all(spread >= 0 for spread in monitor.spreads.values())
+            assert '"KRW-BTC.1"' in sim.requests[0].raw  # depth 1 asked on the wire
+            assert bus.get_subscription_stats()["components"] == 1
+        assert upbus_spread_monitor.monitors == []  # its shutdown hook ran
