@@ -44,6 +44,7 @@ from upbus.core.specs import (
 )
 from upbus.core.state import MergedState, StateChange, WireEntry
 from upbus.core.subscriptions import SubscriptionManager
+from upbus.core.transport import ConnectFailed, TransportError
 from upbus.settings import Settings, load_settings
 
 __all__ = (
@@ -52,6 +53,7 @@ __all__ = (
     "Channel",
     "ComponentError",
     "ConfigError",
+    "ConnectFailed",
     "ConnectionEvent",
     "LimiterWaitExpired",
     "MergedState",
@@ -66,6 +68,7 @@ __all__ = (
     "StateChange",
     "Subscriber",
     "SubscriptionManager",
+    "TransportError",
     "UpbusError",
     "WireEntry",
     "__version__",

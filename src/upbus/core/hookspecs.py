@@ -131,8 +131,8 @@ class UpbusHookSpecs:
 
     @hookspec
     def upbus_connection_state(self, channel: Channel, state: str, detail: str) -> None:
-        """A connection changed state (``connecting``, ``connected``, ``gap``,
-        ``reconnected``, ``closed``). Called on the event loop; keep it quick."""
+        """A connection changed state: ``idle``, ``connecting``, ``connected``, ``gap``,
+        ``backoff``, ``reconnected`` or ``closed``. Called on the event loop; keep it quick."""
 
     @hookspec
     def upbus_request_sent(self, channel: Channel, state: MergedState, size: int) -> None:

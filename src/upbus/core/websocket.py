@@ -1,7 +1,7 @@
 """WebSocketManager: one channel's connection, kept alive and in sync.
 
-It connects when the channel first has subscriptions (through the process-wide
-connect limiter of its scope), makes the first request after every connect the
+It connects when the channel first has subscriptions (through the bus's connect
+limiter of its scope), makes the first request after every connect the
 whole latest state (through a message limiter of that connection), pings to catch
 half-open sockets, reconnects with capped, fully jittered exponential backoff, and
 decodes every frame in its own receive loop, handing the messages to ``deliver``
