@@ -1,0 +1,699 @@
+"""SQLite storage, the embedded default (plugin ``sqlite``).
+
+Enabled by settings; with ``plugins.sqlite.enabled`` false it contributes nothing::
+
+    [plugins.sqlite]
+    enabled = true
+    path = "upbus.db"                # created if missing, appended to if not
+    specs = [{type = "ticker", codes = ["KRW-BTC", "KRW-ETH"]},
+             {type = "trade", codes = ["KRW-BTC"]}]
+    batch_size = 500                 # messages per write transaction, at most
+    flush_interval = 1.0             # seconds the writer holds a partial batch, at most
+    max_pending = 10000              # accepted but unwritten messages before backpressure
+
+Each message type has a typed table (``tickers``, ``trades``, ``orderbooks``,
+``candles``, ``my_orders``, ``my_assets``) whose columns are the message's DEFAULT
+field names, after ``id`` (one sequence across all tables, so the order of arrival
+survives) and ``received_at`` (Unix seconds). Numbers are REAL or INTEGER, text is
+TEXT, booleans INTEGER, and nested values (orderbook units, assets, an object
+``delisting_date``) JSON text; every table with a ``code`` has an index on
+``(code, timestamp)``. A row holds the whole message, so :mod:`upbus.plugins.replay`
+can turn it back into the frame it came from.
+
+The write path (shared with :mod:`upbus.plugins.jsonl_recorder`): the component
+declares ``upbus_overflow = "block"``, so the bus never drops a message for it. Its
+``on_message`` only puts ``(received_at, message)`` into a bounded queue; one
+writer thread per store owns the database connection and writes in batches of
+``batch_size``, or after ``flush_interval``, one transaction per batch, in WAL
+mode. When the writer falls ``max_pending`` behind, ``on_message`` waits off the
+loop and the bus holds back the channel (backpressure) instead of losing data. The
+``upbus_shutdown`` hook closes the store: it stops accepting, the writer writes
+everything accepted, and the database is closed before the bus stops.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import queue
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
+
+import anyio
+import msgspec
+import msgspec.inspect as mi
+import orjson
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from upbus.core.hookspecs import hookimpl
+from upbus.core.messages import (
+    CANDLE_TYPES,
+    Candle,
+    Message,
+    MyAsset,
+    MyOrder,
+    Orderbook,
+    Ticker,
+    Trade,
+)
+from upbus.core.router import Overflow
+from upbus.core.specs import parse_specs
+
+if TYPE_CHECKING:
+    from upbus.core.bus import Bus
+
+__all__ = (
+    "BUSY_TIMEOUT",
+    "BatchRecorder",
+    "Item",
+    "RecorderSettings",
+    "Sink",
+    "SpecList",
+    "SqliteSettings",
+    "SqliteStore",
+    "iter_frames",
+    "start_recorder",
+    "store_for",
+    "summarize",
+)
+
+log = logging.getLogger("upbus.plugins.sqlite")
+
+NAME = "sqlite"
+#: Seconds a write waits for another process's lock before the batch fails.
+BUSY_TIMEOUT = 5.0
+# The writer wakes at least this often, to notice an interpreter exiting without aclose().
+_EXIT_POLL = 1.0
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def _json_text(value: Any) -> Any:
+    # From the environment a list arrives as text, e.g. UPBUS_PLUGINS__SQLITE__SPECS='[...]'.
+    return orjson.loads(value) if isinstance(value, str) else value
+
+
+def _valid_specs(value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    parse_specs(value)  # SpecError is a ValueError: pydantic reports it against the field
+    return value
+
+
+SpecList = Annotated[
+    list[dict[str, Any]], BeforeValidator(_json_text), AfterValidator(_valid_specs)
+]
+"""Exchange request objects (``{"type": "ticker", "codes": [...]}``), checked by
+:func:`upbus.parse_specs`; JSON text is accepted too."""
+
+
+def _default_specs() -> list[dict[str, Any]]:
+    return [
+        {"type": "ticker", "codes": ["KRW-BTC", "KRW-ETH"]},
+        {"type": "trade", "codes": ["KRW-BTC"]},
+    ]
+
+
+class RecorderSettings(BaseModel):
+    """What every recording plugin's section has."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    enabled: bool = Field(default=False, description="Record at all.")
+    specs: SpecList = Field(
+        default_factory=_default_specs,
+        description="What to record, as the exchange's request objects.",
+    )
+    batch_size: int = Field(default=500, ge=1, description="Messages per write, at most.")
+    flush_interval: float = Field(
+        default=1.0, gt=0, description="Seconds the writer holds a partial batch before writing it."
+    )
+    max_pending: int = Field(
+        default=10_000,
+        ge=1,
+        description="Accepted but unwritten messages before the bus is held back.",
+    )
+
+
+class SqliteSettings(RecorderSettings):
+    """The ``plugins.sqlite`` section."""
+
+    path: Path = Field(default=Path("upbus.db"), description="The database file.")
+
+
+# -- the component and its writer thread -------------------------------------------------
+
+Item = tuple[float, Message]
+"""``(received_at, message)``: what a recorder queues for its writer."""
+
+
+class Sink(Protocol):
+    """Where a :class:`BatchRecorder`'s writer thread puts batches; used from that thread only."""
+
+    def write(self, items: list[Item]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Flush:
+    """A queue marker: write what came before me, then set ``done``."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP = object()
+
+
+class BatchRecorder:
+    """A lossless component that hands every message to a writer thread, which writes batches.
+
+    :param name: names the recorder in logs and its thread.
+    :param open_sink: called in the writer thread to open the sink, so a sink may
+        hold objects bound to that thread (an SQLite connection).
+
+    Call :meth:`start` before registering it, :meth:`aclose` when done.
+    """
+
+    upbus_overflow: Overflow = "block"
+
+    def __init__(
+        self,
+        name: str,
+        open_sink: Callable[[], Sink],
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 1.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        self.name = name
+        self._open_sink = open_sink
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._queue: queue.Queue[object] = queue.Queue(max_pending)
+        self._thread = threading.Thread(target=self._run, name=f"upbus {name} writer")
+        self._opened: Future[None] = Future()
+        # Orders slow puts before the stop marker, so nothing accepted lands behind it.
+        self._put_lock = anyio.Lock()
+        self._closing = False
+        self._stopped = False
+        self.accepted = 0
+        self.written = 0
+        self.batches = 0
+        self.lost = 0
+        self.refused = 0
+
+    @property
+    def writer(self) -> threading.Thread:
+        """The thread that owns the sink and does every write."""
+        return self._thread
+
+    async def start(self) -> None:
+        """Start the writer thread; raise what opening the sink raised."""
+        self._thread.start()
+        await anyio.to_thread.run_sync(self._opened.result)
+
+    async def on_message(self, message: Message) -> None:
+        if self._closing or self._stopped:
+            self._refuse()
+            return
+        item = (time.time(), message)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            # The writer is behind: wait for room in a worker thread. Meanwhile the
+            # bus keeps later messages in this component's lossless buffer.
+            async with self._put_lock:
+                if self._closing:  # aclose() went first: the stop marker is queued
+                    self._refuse()
+                    return
+                # Counted first: a put that has started completes even if we are
+                # cancelled meanwhile (the worker thread is not abandoned).
+                self.accepted += 1
+                if not await anyio.to_thread.run_sync(self._put_waiting, item):
+                    self.accepted -= 1
+                    self._refuse()
+        else:
+            self.accepted += 1
+
+    async def flush(self) -> None:
+        """Wait until everything accepted so far is written."""
+        marker = _Flush()
+        async with self._put_lock:
+            if not await anyio.to_thread.run_sync(self._put_waiting, marker):
+                return
+        await anyio.to_thread.run_sync(self._wait_done, marker)
+
+    async def aclose(self) -> None:
+        """Stop accepting, write everything accepted, close the sink. Safe to call twice.
+
+        Shielded from cancellation: a stop on SIGINT/SIGTERM must still write everything.
+        """
+        self._closing = True
+        with anyio.CancelScope(shield=True):
+            if self._thread.is_alive():
+                async with self._put_lock:
+                    await anyio.to_thread.run_sync(self._put_waiting, _STOP)
+                await anyio.to_thread.run_sync(self._thread.join)
+        log.info(
+            "%s: closed; %d accepted, %d written in %d batches, %d lost",
+            self.name,
+            self.accepted,
+            self.written,
+            self.batches,
+            self.lost,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``accepted`` (queued for writing), ``written``, ``batches``, ``lost``
+        (in failed writes), ``refused`` (delivered after closing), ``pending`` (queued now)."""
+        return {
+            "accepted": self.accepted,
+            "written": self.written,
+            "batches": self.batches,
+            "lost": self.lost,
+            "refused": self.refused,
+            "pending": self._queue.qsize(),
+        }
+
+    def _refuse(self) -> None:
+        if not self.refused:
+            log.warning(
+                "%s: %s; messages delivered from now on are not recorded",
+                self.name,
+                "closing" if self._closing else "the writer thread has stopped",
+            )
+        self.refused += 1
+
+    def _put_waiting(self, item: object) -> bool:
+        while not self._stopped:
+            try:
+                self._queue.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def _wait_done(self, marker: _Flush) -> None:
+        while not marker.done.wait(0.1) and not self._stopped:
+            pass
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            sink = self._open_sink()
+        except BaseException as exc:
+            self._stopped = True
+            self._opened.set_exception(exc)
+            return
+        self._opened.set_result(None)
+        try:
+            self._loop(sink)
+        except BaseException:
+            log.exception("%s: the writer thread failed", self.name)
+        finally:
+            self._stopped = True
+            try:
+                sink.close()
+            except Exception:
+                log.exception("%s: closing failed", self.name)
+
+    def _loop(self, sink: Sink) -> None:
+        batch: list[Item] = []
+        due = math.inf  # when the oldest unwritten item must be written
+        while True:
+            try:
+                item = self._queue.get(timeout=max(min(due - time.monotonic(), _EXIT_POLL), 0))
+            except queue.Empty:
+                item = None
+            if item is _STOP or (item is None and not threading.main_thread().is_alive()):
+                # Stop, or the interpreter is exiting without aclose(): write what remains.
+                self._write(sink, batch + self._drain())
+                return
+            if isinstance(item, _Flush):
+                self._write(sink, batch)
+                batch, due = [], math.inf
+                item.done.set()
+                continue
+            if isinstance(item, tuple):
+                if not batch:
+                    due = time.monotonic() + self._flush_interval
+                batch.append(item)
+            if len(batch) >= self._batch_size or (batch and time.monotonic() >= due):
+                self._write(sink, batch)
+                batch, due = [], math.inf
+
+    def _drain(self) -> list[Item]:
+        rest: list[Item] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return rest
+            if isinstance(item, tuple):
+                rest.append(item)
+            elif isinstance(item, _Flush):
+                item.done.set()  # its items are in `rest`, written before the sink closes
+
+    def _write(self, sink: Sink, batch: list[Item]) -> None:
+        if not batch:
+            return
+        try:
+            sink.write(batch)
+        except Exception:
+            self.lost += len(batch)
+            log.exception("%s: writing %d messages failed; they are lost", self.name, len(batch))
+        else:
+            self.written += len(batch)
+            self.batches += 1
+
+
+# -- tables ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    name: str
+    sql_type: str  # REAL, INTEGER or TEXT
+    kind: str  # "plain", "bool" (stored 0/1) or "json" (stored as JSON text)
+    required: bool
+
+
+def _column(field: mi.Field) -> _Column:
+    kind = field.type
+    if isinstance(kind, mi.UnionType):
+        rest = [t for t in kind.types if not isinstance(t, mi.NoneType)]
+        kind = rest[0] if len(rest) == 1 else kind
+    if isinstance(kind, mi.FloatType):
+        return _Column(field.name, "REAL", "plain", field.required)
+    if isinstance(kind, mi.BoolType):
+        return _Column(field.name, "INTEGER", "bool", field.required)
+    if isinstance(kind, mi.IntType):
+        return _Column(field.name, "INTEGER", "plain", field.required)
+    if isinstance(kind, mi.StrType | mi.LiteralType):
+        return _Column(field.name, "TEXT", "plain", field.required)
+    return _Column(field.name, "TEXT", "json", field.required)
+
+
+class _Table:
+    """One message class's table, with the column list derived from the class's fields."""
+
+    def __init__(
+        self,
+        name: str,
+        cls: type[Message],
+        types: tuple[str, ...],
+        *,
+        omit: frozenset[str] = frozenset({"type"}),
+        indexes: tuple[tuple[str, ...], ...] = (("code", "timestamp"),),
+    ) -> None:
+        info = mi.type_info(cls)
+        assert isinstance(info, mi.StructType)
+        self.name = name
+        self.types = types
+        self.columns = tuple(_column(f) for f in info.fields if f.name not in omit)
+        self.kinds = {column.name: column.kind for column in self.columns}
+        self.indexes = indexes
+        fields = cls.__struct_fields__
+        self._plan = [(fields.index(c.name), c.kind == "json") for c in self.columns]
+        names = ", ".join(f'"{c.name}"' for c in self.columns)
+        marks = ", ".join("?" for _ in range(len(self.columns) + 2))
+        self.insert_sql = f'INSERT INTO "{name}" (id, received_at, {names}) VALUES ({marks})'
+
+    def create_sql(self) -> str:
+        columns = ", ".join(
+            f'"{c.name}" {c.sql_type}' + (" NOT NULL" if c.required else "") for c in self.columns
+        )
+        return (
+            f'CREATE TABLE IF NOT EXISTS "{self.name}" '
+            f"(id INTEGER PRIMARY KEY, received_at REAL NOT NULL, {columns})"
+        )
+
+    def row(self, ident: int, received_at: float, message: Message) -> list[object]:
+        values = msgspec.structs.astuple(message)
+        out: list[object] = [ident, received_at]
+        for position, as_json in self._plan:
+            value = values[position]
+            if as_json and value is not None:
+                value = orjson.dumps(msgspec.to_builtins(value)).decode()
+            out.append(value)
+        return out
+
+
+TABLES: tuple[_Table, ...] = (
+    _Table("tickers", Ticker, ("ticker",)),
+    _Table("trades", Trade, ("trade",)),
+    _Table("orderbooks", Orderbook, ("orderbook",)),
+    # The type names a candle's interval, so it is kept.
+    _Table(
+        "candles", Candle, CANDLE_TYPES, omit=frozenset(), indexes=(("code", "type", "timestamp"),)
+    ),
+    _Table("my_orders", MyOrder, ("myOrder",), indexes=(("code", "timestamp"), ("uuid",))),
+    # The wire form of myAsset has no code.
+    _Table(
+        "my_assets",
+        MyAsset,
+        ("myAsset",),
+        omit=frozenset({"type", "code"}),
+        indexes=(("timestamp",),),
+    ),
+)
+_BY_TYPE = {kind: table for table in TABLES for kind in table.types}
+
+
+def create_schema(connection: sqlite3.Connection) -> None:
+    """Create the tables and indexes, adding columns that newer message classes have."""
+    for table in TABLES:
+        connection.execute(table.create_sql())
+        present = {row[1] for row in connection.execute(f'PRAGMA table_info("{table.name}")')}
+        for column in table.columns:
+            if column.name not in present:
+                connection.execute(
+                    f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {column.sql_type}'
+                )
+        for index in table.indexes:
+            name = f"{table.name}_{'_'.join(index)}"
+            columns = ", ".join(f'"{c}"' for c in index)
+            connection.execute(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{table.name}" ({columns})')
+
+
+class _SqliteSink:
+    """The writer thread's connection; sqlite3's default ``check_same_thread`` makes any
+    use from another thread (the event loop) an error rather than a silent stall."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are explicit, one per batch.
+        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # With WAL, NORMAL survives a process crash; only power loss can cost the last batch.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            create_schema(self._db)
+            last = max(_max_id(self._db, table.name) for table in TABLES)
+        except BaseException:
+            self._db.close()
+            raise
+        self._next_id = last + 1
+
+    def write(self, items: list[Item]) -> None:
+        rows: dict[_Table, list[list[object]]] = {}
+        ident = self._next_id
+        for received_at, message in items:
+            table = _BY_TYPE[message.type]
+            rows.setdefault(table, []).append(table.row(ident, received_at, message))
+            ident += 1
+        self._next_id = ident
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, table_rows in rows.items():
+                self._db.executemany(table.insert_sql, table_rows)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _max_id(db: sqlite3.Connection, table: str) -> int:
+    value = db.execute(f'SELECT MAX(id) FROM "{table}"').fetchone()[0]
+    return int(value) if value is not None else 0
+
+
+class SqliteStore(BatchRecorder):
+    """Records messages into the SQLite database at ``path`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 1.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"sqlite {self.path}",
+            lambda: _SqliteSink(self.path),
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            max_pending=max_pending,
+        )
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def _connect_read_only(path: str | Path) -> sqlite3.Connection:
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"no such database: {path}")
+    # mode=ro never creates a file; check_same_thread=False because a replay reads it
+    # from whichever worker thread runs the next chunk, one at a time.
+    return sqlite3.connect(f"{resolved.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+
+
+def _tables_in(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    """Rows per table and per code, with first/last ``received_at`` and exchange ``timestamp``.
+
+    ``{"path": ..., "tables": {"trades": {"rows": 120, "first_received_at": 1.7e9,
+    "last_received_at": ..., "codes": {"KRW-BTC": {"rows": 120, "first_timestamp":
+    <ms>, "last_timestamp": <ms>}}}}}``; tables the file lacks are left out.
+    """
+    db = _connect_read_only(path)
+    try:
+        present = _tables_in(db)
+        tables: dict[str, Any] = {}
+        for table in TABLES:
+            if table.name not in present:
+                continue
+            name = f'"{table.name}"'
+            (rows,) = db.execute(f"SELECT COUNT(*) FROM {name}").fetchone()
+            # id follows arrival, so the ends of the id order are the ends in time.
+            first = db.execute(f"SELECT received_at FROM {name} ORDER BY id LIMIT 1").fetchone()
+            last = db.execute(f"SELECT received_at FROM {name} ORDER BY id DESC LIMIT 1").fetchone()
+            codes: dict[str, Any] = {}
+            if "code" in table.kinds:
+                for code, count, low, high in db.execute(
+                    f"SELECT code, COUNT(*), MIN(timestamp), MAX(timestamp) FROM {name} "
+                    "GROUP BY code ORDER BY code"
+                ):
+                    codes[code] = {"rows": count, "first_timestamp": low, "last_timestamp": high}
+            tables[table.name] = {
+                "rows": rows,
+                "first_received_at": first[0] if first else None,
+                "last_received_at": last[0] if last else None,
+                "codes": codes,
+            }
+        return {"path": str(path), "tables": tables}
+    finally:
+        db.close()
+
+
+def iter_frames(
+    path: str | Path, types: frozenset[str] | None = None
+) -> Generator[tuple[float, bytes], None, None]:
+    """``(received_at, frame)`` for every stored message, in order of arrival.
+
+    Each frame is the message as a DEFAULT JSON frame, which
+    :class:`~upbus.core.codec.FrameDecoder` decodes into an equal message.
+    ``types`` keeps only tables holding those message types.
+    """
+    db = _connect_read_only(path)
+    try:
+        present = _tables_in(db)
+        streams = [
+            _table_frames(db, table)
+            for table in TABLES
+            if table.name in present and (types is None or not types.isdisjoint(table.types))
+        ]
+        for _ident, received_at, frame in heapq.merge(*streams, key=itemgetter(0)):
+            yield received_at, frame
+    finally:
+        db.close()
+
+
+def _table_frames(db: sqlite3.Connection, table: _Table) -> Iterator[tuple[int, float, bytes]]:
+    cursor = db.execute(f'SELECT * FROM "{table.name}" ORDER BY id')
+    names = [description[0] for description in cursor.description]
+    fields = [
+        (position, name, table.kinds.get(name, "plain"))
+        for position, name in enumerate(names)
+        if name not in ("id", "received_at")
+    ]
+    ident_at, received_at = names.index("id"), names.index("received_at")
+    lead: dict[str, Any] = {} if "type" in table.kinds else {"type": table.types[0]}
+    for row in cursor:
+        message = dict(lead)
+        for position, name, kind in fields:
+            value = row[position]
+            if value is not None and kind != "plain":
+                value = bool(value) if kind == "bool" else orjson.loads(value)
+            message[name] = value
+        yield row[ident_at], row[received_at], orjson.dumps(message)
+
+
+# -- the plugin --------------------------------------------------------------------------
+
+_stores: weakref.WeakKeyDictionary[Bus, SqliteStore] = weakref.WeakKeyDictionary()
+
+
+def store_for(bus: Bus) -> SqliteStore | None:
+    """The store this plugin runs for ``bus``, while it runs."""
+    return _stores.get(bus)
+
+
+async def start_recorder(
+    bus: Bus,
+    recorder: BatchRecorder,
+    specs: SpecList,
+    running: weakref.WeakKeyDictionary[Bus, Any],
+) -> None:
+    """Start ``recorder``, register it with ``bus`` and note it in ``running``."""
+    await recorder.start()
+    try:
+        await bus.register_component(recorder, specs)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await recorder.aclose()
+        raise
+    running[bus] = recorder
+
+
+# The components hook is not told which bus it serves, and the shutdown hook must
+# close this bus's own store; so the store is made and registered at startup.
+@hookimpl
+def upbus_startup(bus: Bus) -> Awaitable[None] | None:
+    config = bus.settings.plugin_section(NAME, SqliteSettings)
+    if not config.enabled:
+        return None
+    store = SqliteStore(
+        config.path,
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        max_pending=config.max_pending,
+    )
+    return start_recorder(bus, store, config.specs, _stores)
+
+
+@hookimpl
+def upbus_shutdown(bus: Bus) -> Awaitable[None] | None:
+    store = _stores.pop(bus, None)
+    return None if store is None else store.aclose()
