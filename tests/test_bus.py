@@ -302,3 +302,28 @@ def test_blocking_bus_serves_code_outside_the_event_loop() -> None:
     assert [m.code for m in messages] == ["KRW-ETH"] * len(messages)
     assert len(results) == 6
     assert results[-1] is True
+
+
+@pytest.mark.anyio
+async def test_shutdown_lets_components_take_everything_buffered(sim: Simulator) -> None:
+    slow = Counter(delay=0.005)
+    async with Bus(settings_for(sim)) as bus:
+        subscriber = await bus.register_component(
+            slow, upbus.ticker("KRW-BTC", "KRW-ETH"), overflow="block", capacity=100_000
+        )
+        with anyio.fail_after(10):
+            while len(subscriber) < 50:  # a backlog builds up behind the slow component
+                await slow.seen.wait()
+                slow.seen = anyio.Event()
+        received = bus.get_connection_metrics()["public"]["messages_in"]
+    assert len(subscriber) == 0
+    assert subscriber.dropped == 0
+    assert slow.count >= received  # everything that arrived, however slowly it was taken
+
+
+@pytest.mark.anyio
+async def test_an_error_in_the_body_reaches_the_caller_as_itself(sim: Simulator) -> None:
+    with pytest.raises(ValueError, match="user bug"):
+        async with Bus(settings_for(sim)) as bus:
+            await bus.register_component(Counter(), upbus.ticker("KRW-BTC"))
+            raise ValueError("user bug")

@@ -45,6 +45,8 @@ _CHANNEL_TYPES = {Channel.PUBLIC: PUBLIC_TYPES, Channel.PRIVATE: PRIVATE_TYPES}
 # Dead components are noticed at every operation; this sweep is the safety net
 # for a bus nobody touches after a component goes away.
 SWEEP_INTERVAL = 1.0
+# At shutdown, components get this long to take what their buffers hold.
+SHUTDOWN_DRAIN = 10.0
 
 
 class Bus(AsyncContextManagerMixin):
@@ -78,45 +80,70 @@ class Bus(AsyncContextManagerMixin):
         self._managers: dict[Channel, WebSocketManager] = {}
         self._batchers: dict[Channel, Batcher] = {}
         self._task_group: TaskGroup | None = None
+        self._delivery: TaskGroup | None = None
         self._plugin_components: list[object] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
-        transports: list[Transport] = []
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            for channel in Channel:
-                transport = self.plugins.make_transport(channel, self.settings)
-                transports.append(transport)
-                self._start_channel(channel, transport, tg)
-            tg.start_soon(self._sweep, name="upbus garbage sweep")
-            for awaitable in self.plugins.startup(self):
-                await awaitable
-            for component, specs in self.plugins.components(self.settings):
-                try:
-                    await self.register_component(component, specs)
-                except UpbusError as exc:
-                    # One plugin's bad specs must not keep the bus from starting.
-                    log.error("a plugin's component %r was not registered: %s", component, exc)
-                    continue
-                self._plugin_components.append(component)
-            try:
-                yield self
-            finally:
+        # Made before any task group, so a configuration error is a plain exception.
+        transports = {ch: self.plugins.make_transport(ch, self.settings) for ch in Channel}
+        # An error in the body of `async with Bus()` reaches the caller as itself,
+        # not wrapped in the exception groups of the bus's task groups.
+        body_error: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                tg.start_soon(self._sweep, name="upbus garbage sweep")
+                async with anyio.create_task_group() as delivery:
+                    self._delivery = delivery
+                    async with anyio.create_task_group() as connections:
+                        for channel, transport in transports.items():
+                            self._start_channel(channel, transport, tg, connections)
+                        await self._start_plugins()
+                        try:
+                            yield self
+                        except Exception as exc:
+                            body_error = exc
+                        finally:
+                            # Shutdown, step 1: stop receiving.
+                            connections.cancel_scope.cancel()
+                    # Step 2: let every component take what its buffer holds (lossless
+                    # buffers included), bounded so a stuck component cannot hang exit.
+                    for _ref, subscriber in self._subscribers.values():
+                        subscriber.close()
+                    delivery.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_DRAIN
+                    delivery.cancel_scope.shield = True
+                # Step 3: plugins flush what they accepted (storage), then the rest stops.
                 with anyio.CancelScope(shield=True):
                     for awaitable in self.plugins.shutdown(self):
                         await awaitable
                 tg.cancel_scope.cancel()
-        self._task_group = None
-        for subscriber in (entry[1] for entry in self._subscribers.values()):
-            subscriber.close()
-        for transport in transports:
-            with anyio.move_on_after(5, shield=True):
-                await transport.aclose()
+        finally:
+            self._task_group = None
+            self._delivery = None
+            for transport in transports.values():
+                with anyio.move_on_after(5, shield=True):
+                    await transport.aclose()
+        if body_error is not None:
+            raise body_error
 
-    def _start_channel(self, channel: Channel, transport: Transport, tg: TaskGroup) -> None:
+    async def _start_plugins(self) -> None:
+        for awaitable in self.plugins.startup(self):
+            await awaitable
+        for component, specs in self.plugins.components(self.settings):
+            try:
+                await self.register_component(component, specs)
+            except UpbusError as exc:
+                # One plugin's bad specs must not keep the bus from starting.
+                log.error("a plugin's component %r was not registered: %s", component, exc)
+                continue
+            self._plugin_components.append(component)
+
+    def _start_channel(
+        self, channel: Channel, transport: Transport, tg: TaskGroup, connections: TaskGroup
+    ) -> None:
         settings = self.settings
         if channel is Channel.PUBLIC:
             url, scope, headers = settings.public_url, "ip", _no_headers
@@ -164,7 +191,7 @@ class Bus(AsyncContextManagerMixin):
         self._managers[channel] = manager
         self._batchers[channel] = batcher
         batcher.start(tg)
-        tg.start_soon(manager.run, name=f"upbus {channel.value} connection")
+        connections.start_soon(manager.run, name=f"upbus {channel.value} connection")
 
     def _account_scope(self) -> str:
         key = self.settings.access_key
@@ -270,9 +297,9 @@ class Bus(AsyncContextManagerMixin):
             )
 
     def _spawn(self, func: Any, *args: Any, name: str) -> None:
-        if self._task_group is None:
+        if self._delivery is None:
             raise RuntimeError("the bus is not running: use it as `async with Bus() as bus:`")
-        self._task_group.start_soon(func, *args, name=name)
+        self._delivery.start_soon(func, *args, name=name)
 
     async def _drive(self, ref: weakref.ref[Any], subscriber: Subscriber) -> None:
         async for item in subscriber:
