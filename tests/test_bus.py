@@ -323,7 +323,10 @@ async def test_shutdown_lets_components_take_everything_buffered(sim: Simulator)
 
 @pytest.mark.anyio
 async def test_an_error_in_the_body_reaches_the_caller_as_itself(sim: Simulator) -> None:
-    with pytest.raises(ValueError, match="user bug"):
+    async def use_the_bus() -> None:
         async with Bus(settings_for(sim)) as bus:
             await bus.register_component(Counter(), upbus.ticker("KRW-BTC"))
             raise ValueError("user bug")
+
+    with pytest.raises(ValueError, match="user bug"):
+        await use_the_bus()
