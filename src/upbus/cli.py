@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -200,6 +205,200 @@ def demo(seconds: float | None, rate: float) -> None:
             )
 
     _run(body)
+
+
+@main.command()
+@click.option("--url", help="Public WebSocket URL (default: the setting public_url).")
+@click.option("--sim", "use_sim", is_flag=True, help="Run against an embedded local simulator.")
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Record into this SQLite file (default: the setting plugins.sqlite.path, upbus.db).",
+)
+@click.option("--no-store", is_flag=True, help="Do not record into SQLite.")
+@click.option(
+    "--seconds", type=float, help="Stop after this many seconds (default: until stopped)."
+)
+@click.option(
+    "--status-every",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds between status lines.",
+)
+def run(
+    url: str | None,
+    use_sim: bool,
+    db: Path | None,
+    no_store: bool,
+    seconds: float | None,
+    status_every: float,
+) -> None:
+    """The main job: the configured plugins on a bus, until SIGINT or SIGTERM.
+
+    SQLite storage is on unless --no-store; everything it accepted is written
+    before the command exits, on a signal too.
+    """
+    from upbus.plugins.sqlite_store import store_for
+
+    base = _settings(public_url=url)
+
+    async def body() -> None:
+        stores: list[Any] = []
+        path = "-"
+        try:
+            async with AsyncExitStack() as stack:
+                settings = base
+                if use_sim:
+                    from upbus.sim import SimConfig, Simulator
+
+                    exchange = await stack.enter_async_context(Simulator(SimConfig()))
+                    settings = settings.model_copy(
+                        update={
+                            "public_url": exchange.public_url,
+                            "private_url": exchange.private_url,
+                        }
+                    )
+                settings = _with_store(settings, db, enabled=not no_store)
+                path = settings.plugins["sqlite"]["path"]
+                bus = await stack.enter_async_context(Bus(settings))
+                store = store_for(bus)
+                if store is not None:
+                    stores.append(store)
+                where = f"recording into {path}" if store else "not recording"
+                click.echo(f"upbus running against {settings.public_url}, {where}; Ctrl-C stops")
+                with anyio.move_on_after(seconds if seconds is not None else math.inf):
+                    while True:
+                        await anyio.sleep(status_every)
+                        click.echo(_status_line(bus), err=True)
+        finally:
+            # The bus flushed the store as it closed (on a signal too); report it.
+            for store in stores:
+                stats = store.stats()
+                click.echo(
+                    f"stored {stats['written']} of {stats['accepted']} accepted messages in {path}"
+                )
+
+    _run(body)
+
+
+def _with_store(settings: Settings, path: Path | None, *, enabled: bool) -> Settings:
+    section = dict(settings.plugins.get("sqlite", {}))
+    section["enabled"] = enabled
+    if path is not None:
+        section["path"] = str(path)
+    section.setdefault("path", "upbus.db")
+    return settings.model_copy(update={"plugins": {**settings.plugins, "sqlite": section}})
+
+
+def _status_line(bus: Bus) -> str:
+    metrics = bus.get_connection_metrics()
+    parts = [
+        f"{channel}: {m['state']}, {m['messages_in']} messages, {m['reconnects']} reconnects"
+        for channel, m in metrics.items()
+        if m["connects"]
+    ]
+    return "; ".join(parts) or "waiting for subscriptions"
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--speed",
+    default="max",
+    show_default=True,
+    help="Playback speed: 1 = as recorded, 2 = twice as fast, max = as fast as possible.",
+)
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many messages.")
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table")
+def replay(path: Path, speed: str, count: int | None, fmt: str) -> None:
+    """Feed a recording (JSON Lines or SQLite) back through the bus and print it."""
+    pace = _speed(speed)
+    specs, total = _recording_specs(path)
+    if not total:
+        raise click.ClickException(f"{path} holds no recorded messages")
+    limit = min(total, count) if count is not None else total
+    settings = _settings()
+    settings = settings.model_copy(
+        update={
+            "plugins": {**settings.plugins, "replay": {"path": str(path), "speed": pace}},
+            "heartbeat_interval": 3600.0,  # a recording answers no pings worth waiting for
+        }
+    )
+
+    async def body() -> None:
+        printer = _Printer(fmt, limit)
+        async with Bus(settings) as bus:
+            subscriber = await bus.register_component(printer, specs, overflow="block")
+            async for item in subscriber:
+                if printer.show(item):
+                    return
+
+    _run(body)
+
+
+def _speed(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a number or 'max'", param_hint="--speed"
+        ) from None
+    if value <= 0:
+        raise click.BadParameter("must be greater than 0, or 'max'", param_hint="--speed")
+    return value
+
+
+def _recording_specs(path: Path) -> tuple[list[Spec], int]:
+    """Specs that cover every (type, code) in the recording, and how many messages it holds."""
+    from upbus.plugins.replay import read_recording
+
+    codes: dict[str, set[str]] = {}
+    total = 0
+    try:
+        for _received_at, frame in read_recording(path):
+            message = orjson.loads(frame)
+            codes.setdefault(message["type"], set()).add(message.get("code", ""))
+            total += 1
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from None
+    specs = [
+        Spec(kind, () if kind == "myAsset" else tuple(sorted(c for c in found if c)))
+        for kind, found in sorted(codes.items())
+    ]
+    return specs, total
+
+
+@main.command()
+@click.argument(
+    "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default="upbus.db"
+)
+def db(path: Path) -> None:
+    """Summarise what an SQLite store holds: rows per table and code, first and last times."""
+    from upbus.plugins.sqlite_store import summarize
+
+    try:
+        summary = summarize(path)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from None
+    if not summary["tables"]:
+        click.echo(f"{path}: no upbus tables")
+        return
+    for table, info in summary["tables"].items():
+        click.echo(f"{table}: {info['rows']} rows")
+        for code, per_code in info["codes"].items():
+            click.echo(
+                f"  {code:<12} {per_code['rows']:>8} rows  "
+                f"{_ms(per_code['first_timestamp'])} .. {_ms(per_code['last_timestamp'])}"
+            )
+
+
+def _ms(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return datetime.fromtimestamp(value / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 class _Printer:

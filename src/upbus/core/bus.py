@@ -96,30 +96,35 @@ class Bus(AsyncContextManagerMixin):
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 tg.start_soon(self._sweep, name="upbus garbage sweep")
-                async with anyio.create_task_group() as delivery:
-                    self._delivery = delivery
-                    async with anyio.create_task_group() as connections:
-                        for channel, transport in transports.items():
-                            self._start_channel(channel, transport, tg, connections)
-                        await self._start_plugins()
+                try:
+                    async with anyio.create_task_group() as delivery:
+                        self._delivery = delivery
                         try:
-                            yield self
-                        except Exception as exc:
-                            body_error = exc
+                            async with anyio.create_task_group() as connections:
+                                for channel, transport in transports.items():
+                                    self._start_channel(channel, transport, tg, connections)
+                                await self._start_plugins()
+                                try:
+                                    yield self
+                                except Exception as exc:
+                                    body_error = exc
+                                finally:
+                                    # Shutdown, step 1: stop receiving.
+                                    connections.cancel_scope.cancel()
                         finally:
-                            # Shutdown, step 1: stop receiving.
-                            connections.cancel_scope.cancel()
-                    # Step 2: let every component take what its buffer holds (lossless
-                    # buffers included), bounded so a stuck component cannot hang exit.
-                    for _ref, subscriber in self._subscribers.values():
-                        subscriber.close()
-                    delivery.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_DRAIN
-                    delivery.cancel_scope.shield = True
-                # Step 3: plugins flush what they accepted (storage), then the rest stops.
-                with anyio.CancelScope(shield=True):
-                    for awaitable in self.plugins.shutdown(self):
-                        await awaitable
-                tg.cancel_scope.cancel()
+                            # Step 2 (on every exit, cancellation included): let every
+                            # component take what its buffer holds, lossless buffers
+                            # included, bounded so a stuck component cannot hang exit.
+                            for _ref, subscriber in self._subscribers.values():
+                                subscriber.close()
+                            delivery.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_DRAIN
+                            delivery.cancel_scope.shield = True
+                finally:
+                    # Step 3: plugins flush what they accepted (storage); then the rest stops.
+                    with anyio.CancelScope(shield=True):
+                        for awaitable in self.plugins.shutdown(self):
+                            await awaitable
+                    tg.cancel_scope.cancel()
         finally:
             self._task_group = None
             self._delivery = None

@@ -1,0 +1,119 @@
+"""`upbus run` — the main job — and what it records, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from upbus.plugins.replay import read_recording
+
+UPBUS = [sys.executable, "-m", "upbus"]
+TABLES = ("tickers", "trades", "orderbooks", "candles", "my_orders", "my_assets")
+
+
+def rows(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        present = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        return sum(
+            db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES if t in present
+        )
+
+
+def environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("UPBUS_")}
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_run_and_every_accepted_message_is_stored(tmp_path: Path, stop: int) -> None:
+    database = tmp_path / "upbus.db"
+    process = subprocess.Popen(
+        [*UPBUS, "run", "--sim", "--db", str(database), "--status-every", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=environment(),
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        assert "recording into" in process.stdout.readline()
+        # Status lines count what arrived; stop once a good number has.
+        for line in process.stderr:
+            found = re.search(r"(\d+) messages", line)
+            if found and int(found.group(1)) >= 40:
+                break
+        process.send_signal(stop)
+        out, _err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.stdout.close()
+        process.stderr.close()
+    assert process.returncode == 0
+    stored = re.search(r"stored (\d+) of (\d+) accepted messages", out)
+    assert stored is not None, out
+    written, accepted = int(stored.group(1)), int(stored.group(2))
+    assert accepted >= 40
+    assert written == accepted == rows(database)  # N in, N out
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    database = folder / "upbus.db"
+    result = subprocess.run(
+        [*UPBUS, "run", "--sim", "--db", str(database), "--seconds", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=folder,
+        env=environment(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert rows(database) > 0
+    return database
+
+
+def test_db_summarises_what_the_store_holds(recording: Path) -> None:
+    result = subprocess.run(
+        [*UPBUS, "db", str(recording)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^tickers: \d+ rows", result.stdout, re.M)
+    assert re.search(r"^  KRW-BTC +\d+ rows", result.stdout, re.M)
+
+
+def test_replay_prints_the_recording_in_order(recording: Path) -> None:
+    result = subprocess.run(
+        [*UPBUS, "replay", str(recording), "--count", "6", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = [orjson.loads(line) for line in result.stdout.splitlines()]
+    recorded = [orjson.loads(frame) for _at, frame in list(read_recording(recording))[:6]]
+    assert [(m["type"], m["code"], m["timestamp"]) for m in printed] == [
+        (m["type"], m["code"], m["timestamp"]) for m in recorded
+    ]
+
+
+def test_replay_of_a_missing_or_empty_file_is_one_clear_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = subprocess.run(
+        [*UPBUS, "replay", str(empty)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: {empty} holds no recorded messages"
