@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from upbus.core.hookspecs import hookimpl
 from upbus.core.messages import Candle, Message, MyAsset, MyOrder, Orderbook, Ticker, Trade
 from upbus.core.router import ConnectionEvent, Overflow
-from upbus.plugins.sqlite_store import SpecList
+from upbus.plugins.recording import SpecList
 
 if TYPE_CHECKING:
     from upbus.core.bus import Bus

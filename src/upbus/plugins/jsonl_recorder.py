@@ -37,7 +37,7 @@ from pydantic import Field
 from upbus.core.codec import to_default_dict
 from upbus.core.hookspecs import hookimpl
 from upbus.core.specs import PRIVATE_TYPES
-from upbus.plugins.sqlite_store import BatchRecorder, Item, RecorderSettings, start_recorder
+from upbus.plugins.recording import BatchRecorder, Item, RecorderSettings, start_recorder
 
 if TYPE_CHECKING:
     from upbus.core.bus import Bus
