@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import anyio
-import msgspec
 import orjson
 import pytest
+from factories import make_ticker
 
 import upbus
 from upbus.core.bus import Bus
@@ -25,13 +25,7 @@ DECODE = FrameDecoder().decode
 
 
 def ticker(code: str, price: float, stream: str = "REALTIME") -> Ticker:
-    """A ticker with the given code, price and stream type; other required fields zeroed."""
-    blank = {str: "", int: 0, float: 0.0, bool: False}
-    values: dict[str, Any] = {
-        f.name: blank.get(f.type, 0.0) for f in msgspec.structs.fields(Ticker) if f.required
-    }
-    values.update(type="ticker", code=code, trade_price=price, stream_type=stream)
-    return Ticker(**values)
+    return make_ticker(price, code=code, stream_type=stream)
 
 
 def book(code: str, units: int, level: float = 0) -> Orderbook:

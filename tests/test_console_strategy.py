@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from factories import START_MS, make_ticker
 
 import upbus
 from upbus.core.codec import to_default_dict
@@ -23,38 +24,8 @@ from upbus.sim import SimConfig, Simulator
 pytestmark = pytest.mark.anyio
 
 
-def ticker(price: float, at_ms: int = 1_735_689_600_000, code: str = "KRW-BTC") -> Ticker:
-    return Ticker(
-        code=code,
-        opening_price=price,
-        high_price=price,
-        low_price=price,
-        trade_price=price,
-        prev_closing_price=price,
-        change="EVEN",
-        change_price=0.0,
-        signed_change_price=0.0,
-        change_rate=0.0,
-        signed_change_rate=0.0125,
-        trade_volume=1.0,
-        acc_trade_volume=1.0,
-        acc_trade_volume_24h=2345.6789,
-        acc_trade_price=price,
-        acc_trade_price_24h=price,
-        trade_date="20250101",
-        trade_time="000000",
-        trade_timestamp=at_ms,
-        ask_bid="BID",
-        acc_ask_volume=0.5,
-        acc_bid_volume=0.5,
-        highest_52_week_price=price,
-        highest_52_week_date="2025-01-01",
-        lowest_52_week_price=price,
-        lowest_52_week_date="2025-01-01",
-        market_state="ACTIVE",
-        timestamp=at_ms,
-        stream_type="REALTIME",
-    )
+def ticker(price: float, at_ms: int = START_MS, code: str = "KRW-BTC") -> Ticker:
+    return make_ticker(price, at_ms, code)
 
 
 class Lines(io.StringIO):

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from factories import make_ticker
 
 import upbus
 from upbus.core.codec import FrameDecoder, to_default_dict
@@ -97,37 +98,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def tick(price: float, received_at: float) -> dict[str, Any]:
     """A recorder line holding a KRW-BTC ticker at ``price``."""
     at = int(received_at * 1000)
-    message = Ticker(
-        code="KRW-BTC",
-        opening_price=price,
-        high_price=price,
-        low_price=price,
-        trade_price=price,
-        prev_closing_price=price,
-        change="EVEN",
-        change_price=0.0,
-        signed_change_price=0.0,
-        change_rate=0.0,
-        signed_change_rate=0.0,
-        trade_volume=1.0,
-        acc_trade_volume=1.0,
-        acc_trade_volume_24h=1.0,
-        acc_trade_price=price,
-        acc_trade_price_24h=price,
-        trade_date="20250101",
-        trade_time="000000",
-        trade_timestamp=at,
-        ask_bid="BID",
-        acc_ask_volume=0.5,
-        acc_bid_volume=0.5,
-        highest_52_week_price=price,
-        highest_52_week_date="2025-01-01",
-        lowest_52_week_price=price,
-        lowest_52_week_date="2025-01-01",
-        market_state="ACTIVE",
-        timestamp=at,
-        stream_type="REALTIME",
-    )
+    message = make_ticker(price, at, signed_change_rate=0.0)
     return {"received_at": received_at, "channel": "public", "message": to_default_dict(message)}
 
 
