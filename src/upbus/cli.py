@@ -81,10 +81,19 @@ def _settings(**overrides: Any) -> Settings:
 @click.group()
 @click.version_option(upbus.__version__, prog_name="upbus")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """upbus: one merged, rate-limited set of Upbit subscriptions for many components."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"verbose": verbose}
+
+
+def _quiet_unless_verbose() -> None:
+    """Commands whose output is data keep the library's warnings off the terminal."""
+    ctx = click.get_current_context()
+    if not (ctx.obj or {}).get("verbose"):
+        logging.getLogger("upbus").setLevel(logging.ERROR)
 
 
 @main.command(
@@ -152,6 +161,7 @@ def watch(
     kind: str, codes: tuple[str, ...], url: str | None, count: int | None, fmt: str, attempts: int
 ) -> None:
     """Print live messages of TYPE for CODES (json: one DEFAULT-named object per line)."""
+    _quiet_unless_verbose()
     specs = _watch_specs(kind, codes)
     settings = _settings(public_url=url)
     settings = settings.model_copy(
@@ -313,6 +323,7 @@ def _status_line(bus: Bus) -> str:
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table")
 def replay(path: Path, speed: str, count: int | None, fmt: str) -> None:
     """Feed a recording (JSON Lines or SQLite) back through the bus and print it."""
+    _quiet_unless_verbose()
     pace = _speed(speed)
     specs, total = _recording_specs(path)
     if not total:
