@@ -324,3 +324,14 @@ async def test_an_error_in_the_body_reaches_the_caller_as_itself(sim: Simulator)
 
     with pytest.raises(ValueError, match="user bug"):
         await use_the_bus()
+
+
+def test_a_buffer_can_change_policy_and_keep_what_it_holds() -> None:
+    subscriber = Subscriber("s", 8, "conflate")
+    subscriber.put(ticker("KRW-BTC", 1))
+    subscriber.configure(2, "drop_oldest")
+    subscriber.put(ticker("KRW-BTC", 2))  # no longer conflated
+    subscriber.put(ticker("KRW-BTC", 3))  # over the new bound: the oldest goes
+    assert [subscriber.take().trade_price for _ in range(2)] == [2, 3]  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        subscriber.configure(2, "bogus")  # type: ignore[arg-type]

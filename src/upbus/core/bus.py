@@ -281,6 +281,8 @@ class Bus(AsyncContextManagerMixin):
         else:
             subscriber = entry[1]
             self.subscriptions.register_component(component, parsed)
+            if overflow is not None or capacity is not None:
+                subscriber.configure(size, policy)
         self.router.add(subscriber, (wish for spec in parsed for wish in spec.wishes()))
         return subscriber
 

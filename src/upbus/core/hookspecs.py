@@ -115,8 +115,8 @@ class UpbusHookSpecs:
         """Contribute components: ``(component, specs)`` pairs the bus registers at start.
 
         The plugin's own settings section is ``settings.plugins[<entry-point name>]``.
-        A component is any weak-referenceable object; the plugin must keep it alive
-        for as long as it should receive messages.
+        A component is any weak-referenceable object; the bus keeps the components
+        contributed here alive while it runs.
         """
 
     # -- lifecycle and observation -------------------------------------------------------

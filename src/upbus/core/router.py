@@ -72,12 +72,7 @@ class Subscriber:
     """
 
     def __init__(self, label: str, capacity: int, policy: Overflow) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity!r}")
-        if policy not in OVERFLOW_POLICIES:
-            raise ValueError(
-                f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {policy!r}"
-            )
+        _check(capacity, policy)
         self.label = label
         self.capacity = capacity
         self.policy = policy
@@ -91,6 +86,14 @@ class Subscriber:
         self.dropped = 0
         self.overflowed = 0
         self.failures = 0
+
+    def configure(self, capacity: int, policy: Overflow) -> None:
+        """Change the bound and the policy; what is buffered stays, in order."""
+        _check(capacity, policy)
+        if self.policy == "conflate" and policy != "conflate":
+            self._index.clear()
+        self.capacity = capacity
+        self.policy = policy
 
     def put(self, item: Item) -> None:
         """Buffer ``item`` (never awaits)."""
@@ -189,6 +192,13 @@ class Subscriber:
             "overflowed": self.overflowed,
             "failures": self.failures,
         }
+
+
+def _check(capacity: int, policy: str) -> None:
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+    if policy not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {policy!r}")
 
 
 class Router:
