@@ -10,6 +10,7 @@ with ``anyio.fail_after``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import ssl
@@ -252,6 +253,10 @@ async def test_silent_server_times_the_handshake_out() -> None:
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A self-signed certificate (and key) for 127.0.0.1, made with the openssl tool."""
     if shutil.which("openssl") is None:
+        # A system tool, present where CI runs (there its absence fails the test);
+        # elsewhere the TLS test may be skipped without hiding anything else.
+        if os.environ.get("CI"):
+            pytest.fail("the openssl command is missing")
         pytest.skip("needs the openssl command")
     where = tmp_path_factory.mktemp("tls")
     command = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
