@@ -255,7 +255,7 @@ async def test_a_raising_component_or_plugin_does_not_disturb_the_others(sim: Si
     plugins = PluginManager.load(settings)
     plugins.register(BrokenPlugin(), "broken")
     plugins.register(HealthyPlugin(), "healthy")
-    async with Bus(settings, plugins=plugins) as bus:
+    async with Bus(settings, plugin_manager=plugins) as bus:
         with anyio.fail_after(10):
             while healthy.count < 20:
                 await healthy.seen.wait()

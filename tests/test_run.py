@@ -109,6 +109,40 @@ def test_replay_prints_the_recording_in_order(recording: Path) -> None:
     ]
 
 
+def test_replay_does_not_record_itself_into_the_store_it_replays(recording: Path) -> None:
+    before = rows(recording)
+    env = {**environment(), "UPBUS_PLUGINS__SQLITE__ENABLED": "true"}
+    env["UPBUS_PLUGINS__SQLITE__PATH"] = str(recording)
+    result = subprocess.run(
+        [*UPBUS, "replay", str(recording), "--speed", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == before  # every recorded message, once
+    assert rows(recording) == before
+
+
+def test_a_store_that_cannot_start_stops_run_with_one_clear_line(tmp_path: Path) -> None:
+    env = {**environment(), "UPBUS_PLUGINS__SQLITE__SPECS": '[{"type": "ticker", "codes": ["x"]}]'}
+    result = subprocess.run(
+        [*UPBUS, "run", "--sim", "--seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("Error: the SQLite store did not start")
+    )
+
+
 def test_replay_of_a_missing_or_empty_file_is_one_clear_line(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

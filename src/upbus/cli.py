@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import click
 import orjson
+from pydantic import SecretStr
 
 import upbus
 from upbus.core.bus import Bus
@@ -43,22 +44,28 @@ def _run(func: Callable[[], Awaitable[None]]) -> None:
         anyio.run(guarded)
     except UpbusError as exc:
         raise click.ClickException(str(exc)) from None
+    except click.ClickException:
+        raise
     except BaseExceptionGroup as group:
         # The bus's tasks fail inside task groups; the user needs the one line.
-        error = _first_upbus_error(group)
+        error = _first_user_error(group)
         if error is None:
             raise
+        if isinstance(error, click.ClickException):
+            raise error from None
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass
 
 
-def _first_upbus_error(group: BaseExceptionGroup[BaseException]) -> UpbusError | None:
+def _first_user_error(
+    group: BaseExceptionGroup[BaseException],
+) -> UpbusError | click.ClickException | None:
     for exc in group.exceptions:
-        if isinstance(exc, UpbusError):
+        if isinstance(exc, UpbusError | click.ClickException):
             return exc
         if isinstance(exc, BaseExceptionGroup):
-            found = _first_upbus_error(exc)
+            found = _first_user_error(exc)
             if found is not None:
                 return found
     return None
@@ -273,6 +280,11 @@ def run(
                 path = settings.plugins["sqlite"]["path"]
                 bus = await stack.enter_async_context(Bus(settings))
                 store = store_for(bus)
+                if store is None and not no_store:
+                    raise click.ClickException(
+                        "the SQLite store did not start (see the error above); "
+                        "fix plugins.sqlite or run with --no-store"
+                    )
                 if store is not None:
                     stores.append(store)
                 where = f"recording into {path}" if store else "not recording"
@@ -317,7 +329,7 @@ def _status_line(bus: Bus) -> str:
     "--speed",
     default="max",
     show_default=True,
-    help="Playback speed: 1 = as recorded, 2 = twice as fast, max = as fast as possible.",
+    help="Playback speed: 1 = as recorded, 2 = twice as fast, max (or 0) = as fast as possible.",
 )
 @click.option("--count", type=click.IntRange(min=1), help="Stop after this many messages.")
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table")
@@ -330,10 +342,19 @@ def replay(path: Path, speed: str, count: int | None, fmt: str) -> None:
         raise click.ClickException(f"{path} holds no recorded messages")
     limit = min(total, count) if count is not None else total
     settings = _settings()
+    # Replaying must not record the replay (into the very store being replayed,
+    # perhaps), and private messages in it need no real keys: nothing connects.
+    quiet = {name: {"enabled": False} for name in ("sqlite", "jsonl", "console")}
     settings = settings.model_copy(
         update={
-            "plugins": {**settings.plugins, "replay": {"path": str(path), "speed": pace}},
+            "plugins": {
+                **settings.plugins,
+                **quiet,
+                "replay": {"path": str(path), "speed": pace},
+            },
             "heartbeat_interval": 3600.0,  # a recording answers no pings worth waiting for
+            "access_key": settings.access_key or SecretStr("replay"),
+            "secret_key": settings.secret_key or SecretStr("replay"),
         }
     )
 
@@ -349,7 +370,7 @@ def replay(path: Path, speed: str, count: int | None, fmt: str) -> None:
 
 
 def _speed(text: str) -> float | None:
-    if text == "max":
+    if text in ("max", "0"):  # 0 spells "as fast as possible" in the setting too
         return None
     try:
         value = float(text)

@@ -54,7 +54,7 @@ class Bus(AsyncContextManagerMixin):
 
     :param settings: the settings; by default loaded from env and TOML
         (:func:`upbus.load_settings`), with ``overrides`` applied on top.
-    :param plugins: a plugin manager; by default loaded from entry points.
+    :param plugin_manager: a plugin manager; by default loaded from entry points.
     :param tracer_provider: where spans go; the global provider by default.
     """
 
@@ -62,14 +62,16 @@ class Bus(AsyncContextManagerMixin):
         self,
         settings: Settings | None = None,
         *,
-        plugins: PluginManager | None = None,
+        plugin_manager: PluginManager | None = None,
         tracer_provider: TracerProvider | None = None,
         **overrides: Any,
     ) -> None:
         if settings is not None and overrides:
             raise TypeError("pass either settings or keyword overrides, not both")
         self.settings = settings if settings is not None else load_settings(**overrides)
-        self.plugins = plugins if plugins is not None else PluginManager.load(self.settings)
+        self.plugins = (
+            plugin_manager if plugin_manager is not None else PluginManager.load(self.settings)
+        )
         self._tracer = get_tracer(tracer_provider)
         self.subscriptions = SubscriptionManager(
             lambda channel: self.plugins.make_merger(channel, self.settings), tracer=self._tracer

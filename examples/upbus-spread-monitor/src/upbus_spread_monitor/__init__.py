@@ -57,7 +57,7 @@ class SpreadMonitor:
             self.spreads.clear()  # stale until the next book arrives
 
 
-# The plugin keeps its component alive: upbus holds components weakly.
+# The monitors this plugin made, for inspection (the bus keeps them alive while it runs).
 monitors: list[SpreadMonitor] = []
 
 
