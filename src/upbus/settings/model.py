@@ -187,6 +187,14 @@ class Settings(BaseSettings):
             "the upgrade request and each closing step."
         ),
     )
+    transport: str = Field(
+        default="auto",
+        description=(
+            "Which transport plugin opens connections: 'auto' lets an installed fast "
+            "transport plugin take over where it can run, else the default (httpx + "
+            "httpx-ws); a plugin's name ('httpx', 'picows') asks for that one."
+        ),
+    )
     text_ping: bool = Field(
         default=False,
         description=(
