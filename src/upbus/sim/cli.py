@@ -7,12 +7,13 @@ flushed at once, so a parent process can read the port chosen by ``--port 0``.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from decimal import Decimal
 
 import anyio
 
-from upbus.sim.config import AccountConfig, SimConfig
+from upbus.sim.config import AccountConfig, Rate, SimConfig
 from upbus.sim.server import Simulator
 
 __all__ = ("build_parser", "run_cli")
@@ -20,12 +21,18 @@ __all__ = ("build_parser", "run_cli")
 _DEMO_BALANCES = {"KRW": Decimal(100_000_000), "BTC": Decimal(1)}
 
 
-def _rate(text: str) -> float | None:
-    if text.lower() == "max":
+def _rate(text: str) -> Rate:
+    word = text.lower()
+    if word == "max":
+        return "max"
+    if word == "flood":
         return None
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("rate must be positive, or 'max'")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError("rate must be positive, 'max' or 'flood'")
     return value
 
 
@@ -49,7 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: free)")
     parser.add_argument(
-        "--rate", type=_rate, default=50.0, help="realtime messages/s per connection, or 'max'"
+        "--rate",
+        type=_rate,
+        default=50.0,
+        help=(
+            "realtime messages/s per connection; 'max': repeat pre-encoded frames as fast as "
+            "the socket takes them; 'flood': generate every message (about 2,000/s)"
+        ),
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the market data")
     parser.add_argument("--idle-timeout", type=_timeout, default=120.0, help="seconds, or 'none'")

@@ -9,7 +9,12 @@ from typing import Literal
 
 from upbus.core.errors import ConfigError
 
-__all__ = ("AccountConfig", "SimConfig")
+__all__ = ("AccountConfig", "Rate", "SimConfig")
+
+Rate = float | Literal["max"] | None
+"""Realtime messages/s per connection; ``None``: generate each message as fast as
+possible (about 2,000/s); ``"max"``: repeat a pre-encoded ring as fast as the socket
+takes it (see :mod:`upbus.sim.flood`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +38,11 @@ class SimConfig:
 
     # -- market data
     seed: int = 0
-    rate: float | None = 50.0  # realtime messages/s per connection; None = flood
+    rate: Rate = 50.0  # realtime messages/s per connection; None / "max": flood (see Rate)
     start_ms: int | None = None  # None: wall-clock timestamps; else a seeded virtual clock
     list_batch: int = 1  # [U] messages per *_LIST frame when several are ready at once
+    flood_ring: int = 4096  # rate="max": realtime frames generated per subscription, repeated
+    flood_write_bytes: int = 1 << 18  # rate="max": about this many bytes per socket write
 
     # -- keepalive
     idle_timeout: float | None = 120.0  # no traffic either way for this long: abrupt close
@@ -70,9 +77,18 @@ class SimConfig:
     fee_rate: Decimal = Decimal("0.0005")
 
     def __post_init__(self) -> None:
-        if self.rate is not None and self.rate <= 0:
-            raise ConfigError("SimConfig.rate must be positive, or None for flood mode")
+        check_rate(self.rate, ConfigError, "SimConfig.rate")
+        if self.flood_ring < 1 or self.flood_write_bytes < 1:
+            raise ConfigError("SimConfig.flood_ring and flood_write_bytes must be at least 1")
         if self.list_batch < 1:
             raise ConfigError("SimConfig.list_batch must be at least 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError("SimConfig.port must be 0..65535")
+
+
+def check_rate(rate: object, error: type[Exception], name: str = "rate") -> None:
+    """Raise ``error`` unless ``rate`` is a positive number, ``None`` or ``"max"``."""
+    if rate is None or rate == "max":
+        return
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
+        raise error(f"{name} must be positive, None (generated flood) or 'max' (ring flood)")

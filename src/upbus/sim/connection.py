@@ -13,6 +13,12 @@ Decisions on [U] points:
 * Snapshots go out in a burst; only realtime messages are paced by ``rate``.
 * After an error frame nothing else is sent; the close (1000) follows after
   ``error_close_delay``, and client frames meanwhile are recorded but ignored.
+
+With ``rate="max"`` the realtime data is a ring of pre-encoded frames built when the
+subscription (or the format) changes, in a task of its own, and written one large
+chunk per socket write (:mod:`upbus.sim.flood`); the writer takes queued control
+frames between chunks and the reader keeps answering, so pings and new subscriptions
+are served during the flood. Snapshots still go out first, one frame per write.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ from wsproto.events import (
     TextMessage,
 )
 
-from upbus.sim.config import SimConfig
+from upbus.sim.config import Rate, SimConfig
 from upbus.sim.encode import encode_error, encode_frame, encode_status, is_list_format
 from upbus.sim.feed import Feed
+from upbus.sim.flood import Ring, RingCache
 from upbus.sim.limits import MessageLimiter
 from upbus.sim.market import Market
 from upbus.sim.orders import PrivateEvent
@@ -79,7 +86,9 @@ class Connection:
         ws: WSConnection,
         config: SimConfig,
         journal: Journal,
-        rate: float | None,
+        rate: Rate,
+        *,
+        rings: RingCache | None = None,
     ) -> None:
         self.id = record.id
         self.endpoint = record.endpoint or "public"
@@ -113,6 +122,10 @@ class Connection:
         self._last_activity = anyio.current_time()
         self._scope: anyio.CancelScope | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._rings = rings if rings is not None else RingCache(config)
+        self._ring: Ring | None = None  # rate="max": the current subscription's frames
+        self._ring_next = 0  # the chunk written next
+        self._ring_scope: anyio.CancelScope | None = None  # the ring being loaded
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -167,8 +180,9 @@ class Connection:
         """Send an error frame, then close as after a refused request."""
         self._begin_fail(name, message)
 
-    def set_rate(self, rate: float | None) -> None:
+    def set_rate(self, rate: Rate) -> None:
         self.rate = rate
+        self._refresh_ring()
         self._wake.set()
 
     def push_private(self, event: PrivateEvent) -> None:
@@ -232,6 +246,35 @@ class Connection:
             frame = encode_frame(messages[start : start + size], self._format)
             await self._send_payload(frame, True)
 
+    def _refresh_ring(self) -> None:
+        """Drop the ring; with rate="max", load the one of the current subscription."""
+        if self._ring_scope is not None:
+            self._ring_scope.cancel()
+            self._ring_scope = None
+        self._ring = None
+        self._ring_next = 0
+        if self.rate == "max" and self._feed.has_realtime and self._tg is not None:
+            scope = self._ring_scope = anyio.CancelScope()
+            self._tg.start_soon(self._load_ring, scope, self._entries, self._format)
+
+    async def _load_ring(
+        self, scope: anyio.CancelScope, entries: tuple[Entry, ...], fmt: str
+    ) -> None:
+        with scope:
+            ring = await self._rings.get(entries, fmt)
+            self._ring_scope = None
+            self._ring = ring
+            self._wake.set()
+
+    async def _send_chunk(self, ring: Ring) -> None:
+        index = self._ring_next
+        self._ring_next = (index + 1) % len(ring.chunks)
+        async with self._lock:
+            if self._ws.state is ConnectionState.OPEN:
+                await self._write(ring.chunks[index])
+                return
+        await self._wake.wait()  # closing: no more data
+
     async def _writer(self) -> None:
         next_at = anyio.current_time()
         while True:  # ends when the connection's task group is cancelled
@@ -257,16 +300,26 @@ class Connection:
             if not self._feed.has_realtime:
                 await self._wake.wait()
                 continue
+            if self.rate == "max":
+                ring = self._ring
+                if ring is None:  # being built
+                    await self._wake.wait()
+                    continue
+                if ring.chunks:
+                    await self._send_chunk(ring)
+                    continue
+                # Nothing fitted in a ring (candles only, rarely due): generate them.
+            rate = self.rate if isinstance(self.rate, int | float) else None
             now = anyio.current_time()
-            if self.rate is not None and now < next_at:
+            if rate is not None and now < next_at:
                 with anyio.move_on_after(next_at - now):
                     await self._wake.wait()
                 continue
             messages = self._feed.step()
             await self._send_messages(messages)
-            if self.rate is not None:
+            if rate is not None:
                 # Pace by steps as well as messages, so throttled candles cannot spin.
-                next_at = max(next_at, now) + max(1, len(messages)) / self.rate
+                next_at = max(next_at, now) + max(1, len(messages)) / rate
             elif not messages:
                 await anyio.sleep(_FLOOD_IDLE)
 
@@ -366,6 +419,7 @@ class Connection:
         self._format = request.format
         self._entries = request.entries
         self._feed.install(request.entries)
+        self._refresh_ring()
         orders = [entry for entry in request.entries if entry.type == "myOrder"]
         self._wants_order = bool(orders)
         self._wants_asset = any(entry.type == "myAsset" for entry in request.entries)
@@ -377,7 +431,9 @@ class Connection:
 
     def _list(self, request: ListSubscriptions) -> None:
         """Answer LIST_SUBSCRIPTIONS and switch the connection's format (§2.8)."""
-        self._format = request.format
+        if request.format != self._format:
+            self._format = request.format
+            self._refresh_ring()
         result: list[dict[str, Any]] = []
         for entry in self._entries:
             item: dict[str, Any] = {"type": entry.type}

@@ -34,9 +34,10 @@ from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
 from upbus.sim.auth import Authenticator, AuthError, unverified_access_key
-from upbus.sim.config import SimConfig
+from upbus.sim.config import Rate, SimConfig, check_rate
 from upbus.sim.connection import Connection, set_reset_on_close
 from upbus.sim.encode import encode_error
+from upbus.sim.flood import RingCache
 from upbus.sim.limits import ConnectLimiter, RollingWindow
 from upbus.sim.orders import Balance, Exchange, Order, PrivateEvent
 from upbus.sim.protocol import error_message
@@ -67,6 +68,7 @@ class Simulator(anyio.AsyncContextManagerMixin):
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config = config or SimConfig()
         self._rate = config.rate
+        self._rings = RingCache(config)
         self._auth = Authenticator(
             {account.access_key: account.secret_key for account in config.accounts},
             reject_reused_nonce=config.reject_reused_nonce,
@@ -166,6 +168,11 @@ class Simulator(anyio.AsyncContextManagerMixin):
         return self.journal.violations
 
     @property
+    def ring_builds(self) -> int:
+        """How many ``rate="max"`` rings were generated (each is cached and reused)."""
+        return self._rings.builds
+
+    @property
     def live_connections(self) -> list[int]:
         """Ids of the connections being served (stalled ones included)."""
         return list(self._live)
@@ -212,10 +219,13 @@ class Simulator(anyio.AsyncContextManagerMixin):
         except KeyError:
             raise KeyError(f"no live connection {connection}") from None
 
-    def set_rate(self, rate: float | None, connection: int | None = None) -> None:
-        """Realtime messages/s (None: flood) for one connection, or for all and new ones."""
-        if rate is not None and rate <= 0:
-            raise ValueError("rate must be positive, or None for flood mode")
+    def set_rate(self, rate: Rate, connection: int | None = None) -> None:
+        """Realtime messages/s for one connection, or for all and new ones.
+
+        ``None`` generates every message (about 2,000/s); ``"max"`` repeats a ring of
+        pre-encoded frames as fast as the socket takes them (:mod:`upbus.sim.flood`).
+        """
+        check_rate(rate, ValueError)
         if connection is not None:
             self._connection(connection).set_rate(rate)
             return
@@ -439,7 +449,9 @@ class Simulator(anyio.AsyncContextManagerMixin):
         verdict: _Verdict,
     ) -> None:
         extensions: list[Extension] = [PerMessageDeflate()] if self.config.deflate else []
-        connection = Connection(record, stream, ws, self.config, self.journal, self._rate)
+        connection = Connection(
+            record, stream, ws, self.config, self.journal, self._rate, rings=self._rings
+        )
         # Book-keeping first, so a client that sees the 101 also sees a live connection.
         record.status = 101
         self._live[record.id] = connection
