@@ -77,7 +77,7 @@ class Subscriber:
         self.capacity = capacity
         self.policy = policy
         self.wishes: dict[_Key, list[Wish]] = {}
-        self._buffer: deque[_Cell] = deque()
+        self._buffer: deque[_Cell | Item] = deque()
         self._index: dict[object, _Cell] = {}
         self._ready: anyio.Event | None = None
         self._room: anyio.Event | None = None
@@ -118,7 +118,8 @@ class Subscriber:
                 self.dropped += 1
             else:
                 self.overflowed += 1  # past capacity within one socket read
-        self._buffer.append(_Cell(item))
+        # Only a conflating buffer replaces items in place; the others hold items bare.
+        self._buffer.append(item)
         self._wake()
 
     def _wake(self) -> None:
@@ -131,17 +132,19 @@ class Subscriber:
         """The oldest buffered item, or ``None`` when empty."""
         if not self._buffer:
             return None
-        cell = self._buffer.popleft()
-        item = cell.item
+        entry = self._buffer.popleft()
         room = self._room
         if room is not None and len(self._buffer) < self.capacity:
             self._room = None
             room.set()
-        if self._index and not isinstance(item, ConnectionEvent):
-            key = (item.type, item.code)
-            if self._index.get(key) is cell:
-                del self._index[key]
         self.delivered += 1
+        if not isinstance(entry, _Cell):
+            return entry
+        item = entry.item
+        if not isinstance(item, ConnectionEvent):
+            key = (item.type, item.code)
+            if self._index.get(key) is entry:
+                del self._index[key]
         return item
 
     def __len__(self) -> int:
@@ -283,9 +286,16 @@ class Router:
             if subscribers is None:
                 self.unrouted += 1
                 continue
-            trimmed: dict[int, Message] = {}
+            is_book = type(message) is Orderbook
+            trimmed: dict[int, Message] | None = None
             for subscriber in subscribers:
-                for wish in subscriber.wishes.get((kind, code)) or subscriber.wishes[(kind, None)]:
+                wishes = subscriber.wishes.get((kind, code)) or subscriber.wishes[(kind, None)]
+                if not is_book and len(wishes) == 1 and wishes[0].mode is Mode.BOTH:
+                    subscriber.put(message)  # the common case: it wants this as it is
+                    continue
+                if trimmed is None:
+                    trimmed = {}  # trimmed books shared by subscribers of one depth
+                for wish in wishes:
                     narrowed = _narrow(message, wish, trimmed)
                     if narrowed is not None:
                         subscriber.put(narrowed)

@@ -392,10 +392,10 @@ class WebSocketManager:
         by_type = self._by_type
         while True:
             frames = await conn.receive_batch()
+            counts["frames_in"] += len(frames)
+            counts["bytes_in"] += sum(map(len, frames))
             batch: list[Message] = []
             for frame in frames:
-                counts["frames_in"] += 1
-                counts["bytes_in"] += len(frame)
                 try:
                     messages = decode(frame)
                 except FrameDecodeError as exc:
