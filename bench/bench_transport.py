@@ -1,20 +1,26 @@
-"""Receive throughput and CPU per message: upbus's transport vs websockets vs httpx-ws.
+"""Receive throughput and CPU per message: upbus's transports vs websockets vs httpx-ws.
 
 Run: ``.venv/bin/python bench/bench_transport.py [--messages N] [--rounds R]``
 
 A flood server runs in a separate process (so that ``time.process_time`` in this
 process counts client CPU only): a plain blocking socket that answers the upgrade and
 then writes N prebuilt ~300-byte binary ticker frames as fast as the socket takes
-them. Three clients, all on asyncio, each decoding every message with ``orjson.loads``:
+them. The clients, all on asyncio, each decoding every message with ``orjson.loads``:
 
 * ``A upbus``: :class:`upbus.core.wsconn.HttpxWsTransport`, ``receive_batch`` loop;
 * ``B websockets``: ``websockets.asyncio.client.connect``, ``async for``;
 * ``C httpx-ws``: ``httpx_ws.aconnect_ws`` and ``receive()`` per message;
 * ``D wsproto``: an httpx upgrade and every frame through ``wsproto.Connection`` in
-  a plain loop (what upbus's transport does minus its fast path for data frames).
+  a plain loop (what upbus's transport does minus its fast path for data frames);
+* ``E upbus-picows``: :class:`upbus.core.picows_conn.PicowsTransport` (the ``picows``
+  plugin), ``receive_batch`` loop, as A;
+* ``F picows-min``: the least a picows client can do: ``orjson.loads`` on a
+  memoryview of each binary frame inside picows's ``on_ws_frame`` callback.
 
-One warm-up run each, then rounds of A, B, C, D so that load on a shared machine hits
-them alike. Timing starts once the connection is open and stops at the N-th message.
+E and F need the optional ``picows`` package (``pip install 'upbus[fast]'``); without
+it they are left out. One warm-up run each, then rounds of every client in turn so
+that load on a shared machine hits them alike. Timing starts once the connection is
+open and stops at the N-th message.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ import wsproto.events
 from websockets.asyncio.client import connect as websockets_connect
 
 from upbus.core.wsconn import HttpxWsTransport
+
+try:
+    import picows
+except ImportError:  # the optional fast transport: its clients are left out
+    picows = None  # type: ignore[assignment]
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 DISTINCT_FRAMES = 1000
@@ -209,12 +220,60 @@ async def client_wsproto_loop(url: str, n: int) -> Result:
     return result
 
 
+async def client_upbus_picows(url: str, n: int) -> Result:
+    from upbus.core.picows_conn import PicowsTransport
+
+    async with PicowsTransport(trust_env=False) as transport:
+        conn = await transport.connect(url, {})
+        loads = orjson.loads
+        count = 0
+        wall, cpu = time.perf_counter(), time.process_time()
+        while count < n:
+            for message in await conn.receive_batch():
+                loads(message)
+                count += 1
+        result = time.perf_counter() - wall, time.process_time() - cpu
+        await conn.aclose()
+    return result
+
+
+async def client_picows_minimal(url: str, n: int) -> Result:
+    """orjson.loads straight on picows's buffer, inside the frame callback."""
+    assert picows is not None
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    binary = picows.WSMsgType.BINARY
+    loads = orjson.loads
+
+    class Listener(picows.WSListener):
+        count = 0
+
+        def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+            if frame.msg_type is binary:
+                loads(frame.get_payload_as_memoryview())
+                self.count += 1
+                if self.count == n:
+                    done.set_result(None)
+
+    transport, _listener = await picows.ws_connect(Listener, url)
+    wall, cpu = time.perf_counter(), time.process_time()
+    await done
+    result = time.perf_counter() - wall, time.process_time() - cpu
+    transport.send_close(picows.WSCloseCode.OK)
+    transport.disconnect()
+    await transport.wait_disconnected()
+    return result
+
+
 CLIENTS: dict[str, Callable[[str, int], Coroutine[None, None, Result]]] = {
     "A upbus": client_upbus,
     "B websockets": client_websockets,
     "C httpx-ws": client_httpx_ws,
     "D wsproto": client_wsproto_loop,
 }
+if picows is not None:
+    CLIENTS["E upbus-picows"] = client_upbus_picows
+    CLIENTS["F picows-min"] = client_picows_minimal
 
 
 def main() -> None:
@@ -245,7 +304,7 @@ def main() -> None:
                 wall, cpu = asyncio.run(client(base + str(args.messages), args.messages))
                 results[name].append((wall, cpu))
                 print(
-                    f"  round {round_no + 1} {name:<13} {args.messages / wall:>9,.0f} msg/s "
+                    f"  round {round_no + 1} {name:<15} {args.messages / wall:>9,.0f} msg/s "
                     f"{cpu / args.messages * 1e6:>7.1f} µs CPU/msg",
                     flush=True,
                 )
@@ -254,23 +313,26 @@ def main() -> None:
         server.join()
 
     print()
-    print(f"{'client':<13} {'median msg/s':>13} {'min–max':>19} {'µs CPU/msg':>11} {'min–max':>13}")
+    print(f"{'client':<15} {'median msg/s':>13} {'min–max':>19} {'µs CPU/msg':>11} {'min–max':>13}")
     medians: dict[str, tuple[float, float]] = {}
     for name, runs in results.items():
         rates = [args.messages / wall for wall, _ in runs]
         costs = [cpu / args.messages * 1e6 for _, cpu in runs]
         medians[name] = statistics.median(rates), statistics.median(costs)
         print(
-            f"{name:<13} {medians[name][0]:>13,.0f} "
+            f"{name:<15} {medians[name][0]:>13,.0f} "
             f"{min(rates):>9,.0f}–{max(rates):<9,.0f} {medians[name][1]:>11.1f} "
             f"{min(costs):>6.1f}–{max(costs):<6.1f}"
         )
-    a_rate, a_cost = medians["A upbus"]
-    for other in ("B websockets", "C httpx-ws", "D wsproto"):
-        rate, cost = medians[other]
+    pairs = [("A upbus", other) for other in ("B websockets", "C httpx-ws", "D wsproto")]
+    pairs += [("E upbus-picows", other) for other in ("F picows-min", "A upbus")]
+    for mine, other in pairs:
+        if mine not in medians or other not in medians:
+            continue
+        (rate, cost), (other_rate, other_cost) = medians[mine], medians[other]
         print(
-            f"A/{other.split()[0]}: throughput ×{a_rate / rate:.2f}, "
-            f"CPU per message ×{a_cost / cost:.2f}"
+            f"{mine.split()[0]}/{other.split()[0]}: throughput ×{rate / other_rate:.2f}, "
+            f"CPU per message ×{cost / other_cost:.2f}"
         )
 
 
