@@ -51,6 +51,13 @@ def body(raw: str) -> list[Any]:
     return [obj for obj in orjson.loads(raw) if "ticket" not in obj and "format" not in obj]
 
 
+@pytest.fixture(autouse=True, params=["httpx", "picows"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs over the default transport and over the optional fast one."""
+    monkeypatch.setenv("UPBUS_TRANSPORT", request.param)
+    return str(request.param)
+
+
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
     config = SimConfig(
