@@ -247,6 +247,25 @@ async def test_after_a_failed_send_resend_restores_the_whole_state_at_once() -> 
 
 
 @pytest.mark.anyio
+async def test_a_connect_during_the_debounce_does_not_let_later_changes_skip_it() -> None:
+    manager, sink = SubscriptionManager(), RecordingSink()
+    batcher = make(manager, sink)
+    a, b = Component(), Component()
+    async with anyio.create_task_group() as tg:
+        batcher.start(tg)
+        start = anyio.current_time()
+        manager.register_component(a, ticker("KRW-BTC"))
+        await anyio.sleep(0.01)
+        batcher.resend()  # the connection came up during the debounce
+        await anyio.sleep(5)
+        later = anyio.current_time()
+        manager.register_component(b, ticker("KRW-ETH"))
+        await anyio.sleep(5)
+    assert sink.sent[0][0] - start == pytest.approx(0.1)  # the debounce under way ran out
+    assert sink.sent[1][0] - later == pytest.approx(0.1)  # debounced like any change
+
+
+@pytest.mark.anyio
 async def test_changes_before_start_are_sent_once_started() -> None:
     manager, sink = SubscriptionManager(), RecordingSink()
     batcher = make(manager, sink)
@@ -343,5 +362,6 @@ def test_any_schedule_ends_with_the_latest_state_sent_and_no_useless_sends(
     assert not sent or sent[0] != ()
     assert all(before != after for before, after in itertools.pairwise(sent))
     # Within the exchange's limits over rolling windows, with the margin respected.
-    times = [t for t, _state in sink.sent]
+    # (Ending the stream closes the connection: not a request, not rate limited.)
+    times = [t for t, state in sink.sent if state.entries]
     assert all(later - earlier > 1.1 for earlier, later in zip(times, times[5:], strict=False))

@@ -122,6 +122,7 @@ class PendingTaskBatcher:
         self._task_group: TaskGroup | None = None
         self._pending = False
         self._immediate = False
+        self._connects = 0  # resend() calls: a new connection that has nothing yet
         self._phase = "idle"
         # What the connection has: a fresh connection has no subscriptions (empty
         # entries); None means unknown (a send failed halfway), so anything goes out.
@@ -171,6 +172,7 @@ class PendingTaskBatcher:
 
     def resend(self) -> None:
         self._sent_entries = ()
+        self._connects += 1
         self._immediate = True
         if not self._pending:
             self._schedule()
@@ -238,12 +240,20 @@ class PendingTaskBatcher:
         state = self._source()
         if self._is_sent(state):
             return self._nothing_to_send()
+        connects = self._connects
         self._limiter.take()
         links, coalesced = self._links, self._coalesced
         self._links, self._coalesced = [], 0
         self._phase = "sending"
         if not await self._send(state, links, coalesced, debounce_wait, limiter_wait):
             return False
+        if self._connects != connects:
+            # A new connection came while this was in flight: it has nothing yet.
+            self._sent_entries = ()
+            return True
+        # This request carried the whole latest state, which is what a resend()
+        # during the waits asked for: the next change waits its debounce again.
+        self._immediate = False
         # A change during the waits or the send has a newer version: go round again.
         return self._current_version() != state.version
 
