@@ -1,24 +1,28 @@
 """Batching: N concurrent registrations become one request frame, how soon after the last.
 
 Run: ``.venv/bin/python bench/bench_batching.py`` (``--sizes``, ``--runs``,
-``--debounce``; about a minute).
+``--debounce``, ``--spread``; about a minute).
 
 Against the in-process :class:`~upbus.sim.Simulator` (one per invocation), each run
 starts a fresh :class:`~upbus.Bus` and registers N components (random ticker codes,
-some trades, each with ``on_message``) from N concurrent tasks. Two scenarios,
+some trades, each with ``on_message``) from N concurrent tasks. Four scenarios,
 alternating run by run after a warm-up:
 
 * ``warm``: the connection is already up with one earlier subscription (its request
   sent, the message limiter has room), as for components that join a running app;
-* ``cold``: nothing is connected yet, so the connect happens during the debounce.
+* ``cold``: nothing is connected yet, so the connect happens during the debounce;
+* ``burst``: the N tasks register one after the other in one event-loop pass;
+* ``spread``: each task first sleeps a random 0 to ``--spread`` seconds (20 ms, well
+  inside the debounce), as components that start up concurrently do.
 
 Per run: the request frames the simulator received for the burst (``sim.requests``,
 must be exactly 1; a further ``3 × debounce`` is waited out to catch a late second
-one), and the time from the *last* register call's return (and from the first call)
-to the simulator's record of the frame. Both times are ``anyio.current_time()`` on the
-one event loop the bus and the simulator share: ``RequestRecord.time`` is taken that
-way when the simulator's reader has parsed the frame, so the figure includes the
-loopback write and the simulator's read. Target: ``last → wire ≤ debounce + 5 ms``.
+one), the time from the *last* register call's return to the simulator's record of
+the frame that carried the final state, and from the *first* call to the first
+frame. Both times are ``anyio.current_time()`` on the one event loop the bus and the
+simulator share: ``RequestRecord.time`` is taken that way when the simulator's reader
+has parsed the frame, so the figure includes the loopback write and the simulator's
+read. Target: one frame, and ``last → wire ≤ debounce + 5 ms``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """upbus's own cost per message, without a socket: decode, route, buffer, take.
 
 Run: ``.venv/bin/python bench/bench_overhead.py`` (``--messages``, ``--runs``,
-``--batch``, ``--bus-messages``; about a minute on 2 cores).
+``--batch``, ``--policy``, ``--bus-messages``, ``--bus-runs``, ``--skip-bus``; about a
+minute on 2 cores).
 
 The same pre-encoded frames (the simulator's encoder: DEFAULT tickers and SIMPLE
 trades on 10 KRW codes, exchange spellings) go through, side by side in one run,
@@ -20,7 +21,10 @@ read), and each component's ``on_message`` is driven by its delivery task. That 
 an ``anyio.Event`` and a task switch per wakeup; messages per wakeup are counted.
 
 Figures are µs per message read from the socket (so with ``S`` subscribers each
-message is delivered ``S`` times), median and min-max over the runs.
+message is delivered ``S`` times), median and min-max over many short runs; each
+round runs every contender once, in a rotating order, and ratios, differences and
+per-subscriber slopes are medians of the per-round figures, so that a neighbour
+slowing the shared core for a few seconds hits the compared figures alike.
 """
 
 from __future__ import annotations
@@ -273,20 +277,29 @@ def line(name: str, samples: list[float], extra: str = "") -> None:
     print(f"  {name:24s} {med:8.2f} µs/msg  (min {low:.2f}, max {high:.2f}){extra}")
 
 
+def rotated(items: list[Any], by: int) -> list[Any]:
+    """``items`` starting at ``by``: each round runs the contenders in another order."""
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20_000, help="frames per run")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--messages", type=int, default=4_000, help="frames per run")
+    parser.add_argument("--runs", type=int, default=25, help="rounds of every contender")
     parser.add_argument("--batch", type=int, default=1, help="frames per deliver() call")
     parser.add_argument(
         "--policy", default="conflate", choices=["conflate", "drop_oldest", "block"]
     )
-    parser.add_argument("--bus-messages", type=int, default=20_000, help="frames per Bus run")
+    parser.add_argument("--bus-messages", type=int, default=4_000, help="frames per Bus run")
+    parser.add_argument("--bus-runs", type=int, default=9)
     parser.add_argument("--bus-batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--skip-bus", action="store_true", help="only the synchronous path")
     args = parser.parse_args()
     print(
         f"Python {platform.python_version()} on {platform.machine()}; batch {args.batch}, "
-        f"policy {args.policy}; µs per message, median of {args.runs} runs (min–max)"
+        f"policy {args.policy}; µs per message, median of {args.runs} short runs (min–max); "
+        "ratios and differences are medians of the per-round figures"
     )
 
     kinds = build_frames()
@@ -295,7 +308,7 @@ def main() -> None:
     for kind, distinct in kinds.items():
         frames = cycle(distinct, args.messages)
         # S=100 costs ~100 deliveries per frame: fewer frames keep the run short.
-        few = frames[: max(1000, args.messages // 10)]
+        few = frames[: max(200, args.messages // 10)]
         contenders: list[tuple[str, Callable[[], float], int]] = [
             ("orjson.loads", partial(time_orjson, frames), len(frames)),
             ("decode only", partial(time_decode, frames), len(frames)),
@@ -307,24 +320,27 @@ def main() -> None:
         for _name, measure, _n in contenders:  # warm-up
             measure()
         results: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
-        for _run in range(args.runs):
-            for name, measure, n in contenders:
+        for run in range(args.runs):
+            for name, measure, n in rotated(contenders, run):
                 gc.collect()
                 results[name].append(measure() / n * 1e6)
+        rounds = range(args.runs)
+        base = results["orjson.loads"]
+        s1, s10, s100 = (results[f"upbus S={count}"] for count in SUBSCRIBER_COUNTS)
         print(f"{kind} ({len(distinct[0])}-{len(distinct[-1])} bytes per frame):")
-        base = statistics.median(results["orjson.loads"])
         for name, samples in results.items():
-            ratio = statistics.median(samples) / base
+            ratio = statistics.median(samples[r] / base[r] for r in rounds)
             line(name, samples, f"  ×{ratio:.2f} orjson")
-        t1 = statistics.median(results["upbus S=1"])
-        t10 = statistics.median(results["upbus S=10"])
-        t100 = statistics.median(results["upbus S=100"])
-        slope = (t100 - t1) / 99
+        t1 = statistics.median(s1)
+        over = statistics.median(s1[r] - base[r] for r in rounds)
+        slope = statistics.median((s100[r] - s1[r]) / 99 for r in rounds)
+        first = statistics.median((s10[r] - s1[r]) / 9 for r in rounds)
+        then = statistics.median((s100[r] - s10[r]) / 90 for r in rounds)
         one_subscriber[kind], slopes[kind] = t1, slope
         print(
-            f"  => upbus = {t1:.2f} µs/msg with 1 subscriber ({t1 - base:+.2f} vs orjson), "
-            f"+{slope:.2f} µs per additional subscriber "
-            f"(1→10: +{(t10 - t1) / 9:.2f}, 10→100: +{(t100 - t10) / 90:.2f})"
+            f"  => upbus = {t1:.2f} µs/msg with 1 subscriber ({over:+.2f} vs orjson), "
+            f"+{slope:.2f} µs per additional subscriber (1→10: +{first:.2f}, "
+            f"10→100: +{then:.2f})"
         )
 
     print("targets:")
@@ -337,20 +353,22 @@ def main() -> None:
             f"{TARGET_EACH} µs: {'PASS' if ok2 else 'FAIL'}"
         )
 
-    print(f"Bus in-process (mixed frames, fake transport, on_message, {args.runs} runs):")
+    if args.skip_bus:
+        return
+    print(f"Bus in-process (mixed frames, fake transport, on_message, {args.bus_runs} runs):")
     mixed = cycle(kinds["mixed"], args.bus_messages)
     bus_contenders: list[tuple[str, int, int, list[bytes]]] = []
     for batch in args.bus_batch:
         for count in SUBSCRIBER_COUNTS:
-            frames = mixed if count < 100 else mixed[: max(2000, args.bus_messages // 10)]
+            frames = mixed if count < 100 else mixed[: max(400, args.bus_messages // 10)]
             bus_contenders.append((f"Bus S={count} batch={batch}", count, batch, frames))
     for _name, count, batch, frames in bus_contenders:  # warm-up
-        anyio.run(bus_run, frames[:2000], count, batch)
+        anyio.run(bus_run, frames[:400], count, batch)
     bus_results: dict[str, list[float]] = {name: [] for name, *_ in bus_contenders}
     per_wakeup: dict[str, list[float]] = {name: [] for name, *_ in bus_contenders}
     lost_total = 0
-    for _run in range(args.runs):
-        for name, count, batch, frames in bus_contenders:
+    for run in range(args.bus_runs):
+        for name, count, batch, frames in rotated(bus_contenders, run):
             gc.collect()
             seconds, ratio, lost = anyio.run(bus_run, frames, count, batch)
             bus_results[name].append(seconds / len(frames) * 1e6)
@@ -359,11 +377,12 @@ def main() -> None:
     for name, samples in bus_results.items():
         line(name, samples, f"  {statistics.median(per_wakeup[name]):.1f} msgs/wakeup")
     for batch in args.bus_batch:
-        b1 = statistics.median(bus_results[f"Bus S=1 batch={batch}"])
-        b100 = statistics.median(bus_results[f"Bus S=100 batch={batch}"])
+        b1 = bus_results[f"Bus S=1 batch={batch}"]
+        b100 = bus_results[f"Bus S=100 batch={batch}"]
+        each = statistics.median((b100[r] - b1[r]) / 99 for r in range(args.bus_runs))
         print(
-            f"  => batch {batch}: {b1:.2f} µs/msg with 1 component, "
-            f"+{(b100 - b1) / 99:.2f} µs per additional component"
+            f"  => batch {batch}: {statistics.median(b1):.2f} µs/msg with 1 component, "
+            f"+{each:.2f} µs per additional component"
         )
     print(f"  messages lost to overflow: {lost_total}")
 
