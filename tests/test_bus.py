@@ -335,3 +335,24 @@ def test_a_buffer_can_change_policy_and_keep_what_it_holds() -> None:
     assert [subscriber.take().trade_price for _ in range(2)] == [2, 3]  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="overflow must be one of"):
         subscriber.configure(2, "bogus")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_dead_components_leave_the_bus_and_dataclass_components_work(sim: Simulator) -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class Panel:  # eq=True makes it unhashable: the bus must not need hashing
+        name: str
+
+    async with Bus(settings_for(sim)) as bus:
+        keep = Panel("keep")
+        await bus.register_component(keep, upbus.ticker("KRW-BTC"))
+        for i in range(50):
+            await bus.register_component(Panel(f"gone {i}"), upbus.ticker("KRW-ETH"))
+        counter = Counter()
+        await bus.register_component(counter, upbus.trade("KRW-BTC"))  # drains the dead
+        stats = bus.get_subscription_stats()
+        assert stats["components"] == 2
+        assert len(stats["subscribers"]) == 2
+        assert bus.router.stats()["routes"] == 2  # ticker KRW-BTC and trade KRW-BTC

@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import logging
 import weakref
+from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Self
@@ -78,6 +79,9 @@ class Bus(AsyncContextManagerMixin):
         )
         self.router = Router()
         self._subscribers: dict[int, tuple[weakref.ref[Any], Subscriber]] = {}
+        # id() of each weakref above -> its key (weakrefs of unhashable objects can't be keys)
+        self._keys: dict[int, int] = {}
+        self._dead: deque[weakref.ref[Any]] = deque()
         self._connect_limiters: dict[str, RollingWindowLimiter] = {}
         self._managers: dict[Channel, WebSocketManager] = {}
         self._batchers: dict[Channel, Batcher] = {}
@@ -228,11 +232,16 @@ class Bus(AsyncContextManagerMixin):
 
     def _collect(self) -> None:
         self.subscriptions.collect_garbage()
-        for key, (ref, subscriber) in list(self._subscribers.items()):
-            if ref() is None:
+        # Only the components whose weakref callbacks fired: no scan of the live ones.
+        dead = self._dead
+        while dead:
+            ref = dead.popleft()
+            key = self._keys.pop(id(ref), None)
+            entry = None if key is None else self._subscribers.get(key)
+            if key is not None and entry is not None and entry[0] is ref:
                 del self._subscribers[key]
-                self.router.remove(subscriber)
-                subscriber.close()
+                self.router.remove(entry[1])
+                entry[1].close()
 
     # -- the seed's API --------------------------------------------------------------------
 
@@ -265,10 +274,16 @@ class Bus(AsyncContextManagerMixin):
         key = id(component)
         entry = self._subscribers.get(key)
         if entry is not None and entry[0]() is not component:
+            # The id belonged to a component that died before its callback was drained.
+            del self._subscribers[key]
+            self._keys.pop(id(entry[0]), None)
+            self.router.remove(entry[1])
+            entry[1].close()
             entry = None
         if entry is None:
             try:
-                ref = weakref.ref(component)
+                # The callback may run at any bytecode: it only enqueues.
+                ref = weakref.ref(component, self._dead.append)
             except TypeError:
                 raise ComponentError(
                     f"{type(component).__name__} objects cannot be components: upbus holds "
@@ -278,6 +293,7 @@ class Bus(AsyncContextManagerMixin):
             subscriber = Subscriber(label, size, policy)
             self.subscriptions.register_component(component, parsed)
             self._subscribers[key] = (ref, subscriber)
+            self._keys[id(ref)] = key
             if callable(getattr(component, "on_message", None)):
                 self._spawn(self._drive, ref, subscriber, name=f"upbus deliver {label}")
         else:
@@ -291,8 +307,10 @@ class Bus(AsyncContextManagerMixin):
     async def unregister_component(self, component: object) -> bool:
         """Remove ``component``'s subscriptions; return whether it was registered."""
         found = self.subscriptions.unregister_component(component)
-        entry = self._subscribers.pop(id(component), None)
+        entry = self._subscribers.get(id(component))
         if entry is not None and entry[0]() is component:
+            del self._subscribers[id(component)]
+            self._keys.pop(id(entry[0]), None)
             self.router.remove(entry[1])
             entry[1].close()
         return found
