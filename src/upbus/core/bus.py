@@ -78,10 +78,14 @@ class Bus(AsyncContextManagerMixin):
             lambda channel: self.plugins.make_merger(channel, self.settings), tracer=self._tracer
         )
         self.router = Router()
-        self._subscribers: dict[int, tuple[weakref.ref[Any], Subscriber]] = {}
-        # id() of each weakref above -> its key (weakrefs of unhashable objects can't be keys)
+        # id(component) -> its buffer, whose owner is a weak reference to it
+        self._subscribers: dict[int, Subscriber] = {}
+        # id() of each owner weakref -> its key (weakrefs of unhashable objects can't be keys)
         self._keys: dict[int, int] = {}
         self._dead: deque[weakref.ref[Any]] = deque()
+        self._on_death = self._dead.append  # one bound method shared by every weakref
+        # Subscribers whose delivery task runs -> their delivered count at the last sweep
+        self._driven: dict[Subscriber, int] = {}
         self._connect_limiters: dict[str, RollingWindowLimiter] = {}
         self._managers: dict[Channel, WebSocketManager] = {}
         self._batchers: dict[Channel, Batcher] = {}
@@ -121,7 +125,7 @@ class Bus(AsyncContextManagerMixin):
                             # Step 2 (on every exit, cancellation included): let every
                             # component take what its buffer holds, lossless buffers
                             # included, bounded so a stuck component cannot hang exit.
-                            for _ref, subscriber in self._subscribers.values():
+                            for subscriber in self._subscribers.values():
                                 subscriber.close()
                             delivery.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_DRAIN
                             delivery.cancel_scope.shield = True
@@ -229,6 +233,18 @@ class Bus(AsyncContextManagerMixin):
         while True:
             await anyio.sleep(SWEEP_INTERVAL)
             self._collect()
+            self._dismiss_idle()
+
+    def _dismiss_idle(self) -> None:
+        # A delivery task that delivered nothing since the last sweep ends; the next
+        # message starts a new one. Idle components then cost no task at all.
+        driven = self._driven
+        for subscriber, seen in list(driven.items()):
+            if subscriber.delivered == seen and subscriber.waiting:
+                del driven[subscriber]
+                subscriber.wake()
+            else:
+                driven[subscriber] = subscriber.delivered
 
     def _collect(self) -> None:
         self.subscriptions.collect_garbage()
@@ -237,11 +253,9 @@ class Bus(AsyncContextManagerMixin):
         while dead:
             ref = dead.popleft()
             key = self._keys.pop(id(ref), None)
-            entry = None if key is None else self._subscribers.get(key)
-            if key is not None and entry is not None and entry[0] is ref:
-                del self._subscribers[key]
-                self.router.remove(entry[1])
-                entry[1].close()
+            subscriber = None if key is None else self._subscribers.get(key)
+            if key is not None and subscriber is not None and subscriber.owner is ref:
+                self._forget(key, subscriber)
 
     # -- the seed's API --------------------------------------------------------------------
 
@@ -270,20 +284,20 @@ class Bus(AsyncContextManagerMixin):
         size: int = capacity if capacity is not None else getattr(component, "upbus_capacity", 1024)
         parsed = parse_specs(specs)
         self._check_private(parsed)
+        callback = callable(getattr(component, "on_message", None))
+        if callback and self._delivery is None:
+            raise RuntimeError("the bus is not running: use it as `async with Bus() as bus:`")
         self._collect()
         key = id(component)
-        entry = self._subscribers.get(key)
-        if entry is not None and entry[0]() is not component:
+        subscriber = self._subscribers.get(key)
+        if subscriber is not None and _owner(subscriber) is not component:
             # The id belonged to a component that died before its callback was drained.
-            del self._subscribers[key]
-            self._keys.pop(id(entry[0]), None)
-            self.router.remove(entry[1])
-            entry[1].close()
-            entry = None
-        if entry is None:
+            self._forget(key, subscriber)
+            subscriber = None
+        if subscriber is None:
             try:
                 # The callback may run at any bytecode: it only enqueues.
-                ref = weakref.ref(component, self._dead.append)
+                ref = weakref.ref(component, self._on_death)
             except TypeError:
                 raise ComponentError(
                     f"{type(component).__name__} objects cannot be components: upbus holds "
@@ -291,13 +305,14 @@ class Bus(AsyncContextManagerMixin):
                 ) from None
             label = f"{type(component).__name__}@{key:x}"
             subscriber = Subscriber(label, size, policy)
+            subscriber.owner = ref
             self.subscriptions.register_component(component, parsed)
-            self._subscribers[key] = (ref, subscriber)
+            self._subscribers[key] = subscriber
             self._keys[id(ref)] = key
-            if callable(getattr(component, "on_message", None)):
-                self._spawn(self._drive, ref, subscriber, name=f"upbus deliver {label}")
+            if callback:
+                # Its delivery task starts with the first message (see _start_delivery).
+                subscriber.starter = self._start_delivery
         else:
-            subscriber = entry[1]
             self.subscriptions.register_component(component, parsed)
             if overflow is not None or capacity is not None:
                 subscriber.configure(size, policy)
@@ -307,13 +322,16 @@ class Bus(AsyncContextManagerMixin):
     async def unregister_component(self, component: object) -> bool:
         """Remove ``component``'s subscriptions; return whether it was registered."""
         found = self.subscriptions.unregister_component(component)
-        entry = self._subscribers.get(id(component))
-        if entry is not None and entry[0]() is component:
-            del self._subscribers[id(component)]
-            self._keys.pop(id(entry[0]), None)
-            self.router.remove(entry[1])
-            entry[1].close()
+        subscriber = self._subscribers.get(id(component))
+        if subscriber is not None and _owner(subscriber) is component:
+            self._forget(id(component), subscriber)
         return found
+
+    def _forget(self, key: int, subscriber: Subscriber) -> None:
+        del self._subscribers[key]
+        self._keys.pop(id(subscriber.owner), None)
+        self.router.remove(subscriber)
+        subscriber.close()
 
     def _check_private(self, specs: list[Spec]) -> None:
         private = [spec.type for spec in specs if spec.channel is Channel.PRIVATE]
@@ -323,34 +341,61 @@ class Bus(AsyncContextManagerMixin):
                 "(UPBUS_ACCESS_KEY and UPBUS_SECRET_KEY)"
             )
 
-    def _spawn(self, func: Any, *args: Any, name: str) -> None:
+    def _start_delivery(self, subscriber: Subscriber) -> None:
         if self._delivery is None:
-            raise RuntimeError("the bus is not running: use it as `async with Bus() as bus:`")
-        self._delivery.start_soon(func, *args, name=name)
+            return  # stopped: nothing more is delivered
+        self._driven[subscriber] = subscriber.delivered
+        self._delivery.start_soon(self._drive, subscriber, name=f"upbus deliver {subscriber.label}")
 
-    async def _drive(self, ref: weakref.ref[Any], subscriber: Subscriber) -> None:
-        async for item in subscriber:
-            component = ref()
-            if component is None:
-                return
-            try:
-                if isinstance(item, ConnectionEvent):
-                    handler = getattr(component, "on_connection_state", None)
-                    if handler is not None:
-                        await _maybe_await(handler(item))
-                else:
-                    await _maybe_await(component.on_message(item))
-            except Exception:
-                subscriber.failures += 1
-                log.exception("component %s failed handling %s", subscriber.label, item.type)
-            del component
+    async def _drive(self, subscriber: Subscriber) -> None:
+        """Call the component's handlers for what its buffer holds, until it goes idle."""
+        try:
+            while True:
+                component = _owner(subscriber)
+                if component is None:
+                    return
+                on_message = component.on_message
+                on_state = getattr(component, "on_connection_state", None)
+                del component  # held only while there is work, not while parked
+                coroutine = inspect.iscoroutinefunction(on_message)
+                item = subscriber.take()
+                while item is not None:
+                    try:
+                        if type(item) is ConnectionEvent:
+                            if on_state is not None:
+                                await _maybe_await(on_state(item))
+                        elif coroutine:
+                            await on_message(item)
+                        else:
+                            result = on_message(item)
+                            if result is not None:
+                                await _maybe_await(result)
+                    except Exception:
+                        subscriber.failures += 1
+                        log.exception(
+                            "component %s failed handling %s", subscriber.label, item.type
+                        )
+                    item = subscriber.take()
+                del on_message, on_state
+                if subscriber.closed:
+                    return
+                await subscriber.wait()
+                if subscriber not in self._driven:
+                    # Dismissed by the sweep while idle; end unless work came meanwhile.
+                    if not len(subscriber):
+                        return
+                    self._driven[subscriber] = subscriber.delivered
+        finally:
+            self._driven.pop(subscriber, None)
+            if not subscriber.closed:
+                subscriber.starter = self._start_delivery
 
     # -- debug entry points ---------------------------------------------------------------
 
     def get_subscription_stats(self) -> dict[str, Any]:
         """Live components, merged entries and codes per channel, and per-subscriber buffers."""
         stats = self.subscriptions.get_subscription_stats()
-        stats["subscribers"] = [entry[1].stats() for entry in self._subscribers.values()]
+        stats["subscribers"] = [subscriber.stats() for subscriber in self._subscribers.values()]
         stats["router"] = self.router.stats()
         return stats
 
@@ -373,6 +418,11 @@ class Bus(AsyncContextManagerMixin):
     def get_pending_task_status(self) -> dict[str, Any]:
         """Per channel: whether a send task is pending, its phase, and its counters."""
         return {ch.value: batcher.status() for ch, batcher in self._batchers.items()}
+
+
+def _owner(subscriber: Subscriber) -> Any:
+    owner = subscriber.owner
+    return None if owner is None else owner()
 
 
 def _no_headers() -> Mapping[str, str]:

@@ -10,12 +10,14 @@ slow or failing subscriber can never stall the receive loop or another subscribe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anyio
 import msgspec
@@ -50,13 +52,19 @@ class ConnectionEvent:
 Item = Message | ConnectionEvent
 
 
-class _Cell:
-    """One buffered item; a conflating buffer replaces ``item`` in place."""
+def _release(waiter: asyncio.Future[None] | anyio.Event) -> None:
+    if isinstance(waiter, asyncio.Future):
+        if not waiter.done():
+            waiter.set_result(None)
+    else:
+        waiter.set()
 
-    __slots__ = ("item",)
 
-    def __init__(self, item: Item) -> None:
-        self.item = item
+def _in_asyncio_task() -> bool:
+    try:
+        return asyncio.current_task() is not None
+    except RuntimeError:  # no asyncio loop in this thread: trio
+        return False
 
 
 class Subscriber:
@@ -71,16 +79,45 @@ class Subscriber:
     on average (recorders, storage). Heartbeats keep running meanwhile.
     """
 
+    # Slots, and a buffer made on the first message: an idle subscriber is small.
+    __slots__ = (
+        "__weakref__",
+        "_buffer",
+        "_conflating",
+        "_index",
+        "_room",
+        "_waiter",
+        "capacity",
+        "closed",
+        "delivered",
+        "dropped",
+        "failures",
+        "label",
+        "overflowed",
+        "owner",
+        "policy",
+        "starter",
+        "wishes",
+    )
+
     def __init__(self, label: str, capacity: int, policy: Overflow) -> None:
         _check(capacity, policy)
         self.label = label
         self.capacity = capacity
         self.policy = policy
-        self.wishes: dict[_Key, list[Wish]] = {}
-        self._buffer: deque[_Cell | Item] = deque()
-        self._index: dict[object, _Cell] = {}
-        self._ready: anyio.Event | None = None
+        self._conflating = policy == "conflate"
+        self.wishes: dict[_Key, tuple[Wish, ...]] = {}
+        # Items; a conflating buffer holds a message's (type, code) key instead, and
+        # the newest message of each waiting key in _index.
+        self._buffer: deque[Item | _Key] | None = None
+        self._index: dict[_Key, Message] = {}
+        self._waiter: asyncio.Future[None] | anyio.Event | None = None
         self._room: anyio.Event | None = None
+        #: The component this buffer serves (a weak reference), set by the bus.
+        self.owner: weakref.ref[Any] | None = None
+        #: Called with this subscriber when an item arrives and no consumer waits
+        #: for one; the bus uses it to start a delivery task only when there is work.
+        self.starter: Callable[[Subscriber], None] | None = None
         self.closed = False
         self.delivered = 0
         self.dropped = 0
@@ -90,65 +127,94 @@ class Subscriber:
     def configure(self, capacity: int, policy: Overflow) -> None:
         """Change the bound and the policy; what is buffered stays, in order."""
         _check(capacity, policy)
-        if self.policy == "conflate" and policy != "conflate":
-            self._index.clear()
+        if self._conflating and policy != "conflate":
+            self._freeze()
         self.capacity = capacity
         self.policy = policy
+        self._conflating = policy == "conflate"
 
     def put(self, item: Item) -> None:
         """Buffer ``item`` (never awaits)."""
-        if self.policy == "conflate":
-            if isinstance(item, ConnectionEvent):
-                # Later data must not jump ahead of the event by replacing an older slot.
-                self._index.clear()
-            else:
-                key = (item.type, item.code)
-                cell = self._index.get(key)
-                if cell is not None:
-                    cell.item = item
-                    self.dropped += 1
-                    return
-                cell = self._index[key] = _Cell(item)
-                self._buffer.append(cell)
-                self._wake()
-                return
-        elif len(self._buffer) >= self.capacity:
-            if self.policy == "drop_oldest":
-                self._buffer.popleft()
+        if isinstance(item, ConnectionEvent):
+            if self._index:
+                # Later data must not jump ahead of the event by replacing a message
+                # waiting before it: those become plain entries, no longer replaceable.
+                self._freeze()
+            self._append(item)
+        else:
+            self.offer((item.type, item.code), item)
+
+    def offer(self, key: _Key, message: Message) -> None:
+        """Buffer ``message``, whose (type, code) is ``key``: the router's hot path."""
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = deque()
+        if self._conflating:
+            index = self._index
+            if key in index:
+                index[key] = message  # keeps its place in the queue
                 self.dropped += 1
-            else:
-                self.overflowed += 1  # past capacity within one socket read
-        # Only a conflating buffer replaces items in place; the others hold items bare.
-        self._buffer.append(item)
-        self._wake()
+                return
+            index[key] = message
+            buffer.append(key)
+        else:
+            if len(buffer) >= self.capacity:
+                if self.policy == "drop_oldest":
+                    buffer.popleft()
+                    self.dropped += 1
+                else:
+                    self.overflowed += 1  # past capacity within one socket read
+            buffer.append(message)
+        if len(buffer) == 1:
+            # Only the first item wakes: with more, the consumer was woken already.
+            self._wake()
+
+    def _freeze(self) -> None:
+        # Replace each waiting key by its message: the buffer's order is kept.
+        index = self._index
+        if self._buffer:
+            self._buffer = deque(index[e] if type(e) is tuple else e for e in self._buffer)
+        index.clear()
+
+    def _append(self, entry: Item | _Key) -> None:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = deque()
+        buffer.append(entry)
+        if len(buffer) == 1:
+            # Only the first item wakes: with more, the consumer was woken already.
+            self._wake()
 
     def _wake(self) -> None:
-        ready = self._ready
-        if ready is not None:
-            self._ready = None
-            ready.set()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            _release(waiter)
+        elif self.starter is not None:
+            starter, self.starter = self.starter, None
+            starter(self)
 
     def take(self) -> Item | None:
         """The oldest buffered item, or ``None`` when empty."""
-        if not self._buffer:
+        buffer = self._buffer
+        if not buffer:
             return None
-        entry = self._buffer.popleft()
-        room = self._room
-        if room is not None and len(self._buffer) < self.capacity:
-            self._room = None
-            room.set()
+        entry = buffer.popleft()
+        if self._room is not None:
+            self._release_room()
         self.delivered += 1
-        if not isinstance(entry, _Cell):
-            return entry
-        item = entry.item
-        if not isinstance(item, ConnectionEvent):
-            key = (item.type, item.code)
-            if self._index.get(key) is entry:
-                del self._index[key]
-        return item
+        if type(entry) is tuple:  # a conflating buffer's key: its newest message
+            return self._index.pop(entry)
+        return cast(Item, entry)
+
+    def _release_room(self) -> None:
+        if self._room is not None and len(self) < self.capacity:
+            room, self._room = self._room, None
+            room.set()
 
     def __len__(self) -> int:
-        return len(self._buffer)
+        buffer = self._buffer
+        return 0 if buffer is None else len(buffer)
 
     async def get(self) -> Item:
         """Wait for the next item; raises ``anyio.EndOfStream`` once closed and drained."""
@@ -158,12 +224,45 @@ class Subscriber:
                 return item
             if self.closed:
                 raise anyio.EndOfStream
-            self._ready = anyio.Event()
-            await self._ready.wait()
+            await self.wait()
+
+    async def wait(self) -> None:
+        """Wait until an item arrives or the buffer is closed (one waiter at a time)."""
+        if self._buffer or self.closed:
+            return
+        if _in_asyncio_task():
+            # A bare future is several times cheaper than anyio.Event, and this is
+            # paid on every wakeup of every component.
+            future = asyncio.get_running_loop().create_future()
+            self._waiter = future
+            try:
+                await future
+            finally:
+                if self._waiter is future:
+                    self._waiter = None
+        else:
+            event = self._waiter = anyio.Event()
+            try:
+                await event.wait()
+            finally:
+                if self._waiter is event:
+                    self._waiter = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a consumer is parked in :meth:`wait`."""
+        return self._waiter is not None
+
+    def wake(self) -> None:
+        """Release a consumer parked in :meth:`wait`, even with nothing buffered."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            _release(waiter)
 
     @property
     def full(self) -> bool:
-        return len(self._buffer) >= self.capacity
+        return len(self) >= self.capacity
 
     async def wait_for_room(self) -> None:
         """Wait until the buffer is below capacity (or closed)."""
@@ -173,6 +272,7 @@ class Subscriber:
 
     def close(self) -> None:
         self.closed = True
+        self.starter = None
         self._wake()
         if self._room is not None:
             self._room.set()
@@ -189,7 +289,7 @@ class Subscriber:
             "subscriber": self.label,
             "policy": self.policy,
             "capacity": self.capacity,
-            "buffered": len(self._buffer),
+            "buffered": len(self),
             "delivered": self.delivered,
             "dropped": self.dropped,
             "overflowed": self.overflowed,
@@ -204,12 +304,29 @@ def _check(capacity: int, policy: str) -> None:
         raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {policy!r}")
 
 
+class _Route:
+    """The subscribers of one (type, code)."""
+
+    __slots__ = ("narrowing", "offers")
+
+    def __init__(self) -> None:
+        # Subscribers that want every message of the key as it is: just their offer().
+        self.offers: list[Callable[[_Key, Message], None]] = []
+        # The others, with their wishes, to narrow each message (books, modes, levels).
+        self.narrowing: list[tuple[Subscriber, tuple[Wish, ...]]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.offers or self.narrowing)
+
+
 class Router:
     """Routes messages by (type, code) to subscribers and keeps the last value per key."""
 
     def __init__(self) -> None:
-        self._routes: dict[_Key, list[Subscriber]] = {}
-        self._last: dict[tuple[str, str | None, float], Message] = {}
+        self._routes: dict[_Key, _Route] = {}
+        # Latest message per (type, code), or per (type, code, level) for books.
+        self._last: dict[tuple[Any, ...], Message] = {}
+        self._subscribers: dict[Subscriber, None] = {}
         self._blocking: list[Subscriber] = []
         self.unrouted = 0
 
@@ -222,31 +339,44 @@ class Router:
         for kind, code in list(by_key):
             if code is not None and (kind, None) in by_key:
                 del by_key[(kind, code)]  # the whole account already covers this market
-        subscriber.wishes = by_key
-        if subscriber.policy == "block" and subscriber not in self._blocking:
+        subscriber.wishes = {key: tuple(key_wishes) for key, key_wishes in by_key.items()}
+        self._subscribers[subscriber] = None
+        if subscriber.policy == "block":
             self._blocking.append(subscriber)
-        for key in by_key:
-            self._routes.setdefault(key, []).append(subscriber)
-        for (kind, code), key_wishes in by_key.items():
+        for key, key_wishes in subscriber.wishes.items():
+            route = self._routes.get(key)
+            if route is None:
+                route = self._routes[key] = _Route()
+            only = key_wishes[0]
+            if len(key_wishes) == 1 and only.mode is Mode.BOTH and only.type != "orderbook":
+                route.offers.append(subscriber.offer)
+            else:
+                route.narrowing.append((subscriber, key_wishes))
+        for (kind, code), key_wishes in subscriber.wishes.items():
             for wish in key_wishes:
-                cached = self._last.get((kind, code, wish.level))
+                cached = self._last.get(_cache_key(kind, code, wish.level))
                 if cached is None or wish.mode is Mode.REALTIME:
                     continue
                 # The cached message is the current state, whatever its stream
                 # type: a snapshot-only joiner gets it as its snapshot.
-                narrowed = _narrow(cached, Wish(kind, code, wish.level, wish.depth), {})
+                narrowed = _narrow(cached, Wish(kind, code, wish.level, wish.depth), None)
                 if narrowed is not None:
                     subscriber.put(narrowed)
                     break
 
     def remove(self, subscriber: Subscriber) -> None:
+        offer = subscriber.offer
         for key in subscriber.wishes:
-            subscribers = self._routes.get(key)
-            if subscribers is not None and subscriber in subscribers:
-                subscribers.remove(subscriber)
-                if not subscribers:
-                    del self._routes[key]
+            route = self._routes.get(key)
+            if route is None:
+                continue
+            if offer in route.offers:
+                route.offers.remove(offer)
+            route.narrowing = [entry for entry in route.narrowing if entry[0] is not subscriber]
+            if not route:
+                del self._routes[key]
         subscriber.wishes = {}
+        self._subscribers.pop(subscriber, None)
         if subscriber in self._blocking:
             self._blocking.remove(subscriber)
 
@@ -258,13 +388,9 @@ class Router:
 
     def broadcast(self, channel_types: frozenset[str], event: ConnectionEvent) -> None:
         """Put ``event`` into the buffer of every subscriber of the channel's types."""
-        seen: set[int] = set()
-        for (kind, _code), subscribers in self._routes.items():
-            if kind in channel_types:
-                for subscriber in subscribers:
-                    if id(subscriber) not in seen:
-                        seen.add(id(subscriber))
-                        subscriber.put(event)
+        for subscriber in self._subscribers:
+            if any(kind in channel_types for kind, _code in subscriber.wishes):
+                subscriber.put(event)
 
     def deliver(self, messages: list[Message]) -> None:
         """The per-message hot path: route, narrow, buffer. Never awaits."""
@@ -272,41 +398,71 @@ class Router:
         last = self._last
         for message in messages:
             kind = message.type
-            code: str | None = message.code
-            level = message.level if type(message) is Orderbook else 0
-            last[(kind, code, level)] = message
-            subscribers = routes.get((kind, code))
+            key = (kind, message.code)
+            if type(message) is Orderbook:
+                self._deliver_book(message, key)
+                continue
+            last[key] = message
+            route = routes.get(key)
             if kind == "myOrder" or kind == "myAsset":
-                # Wishes for the whole account have no code.
-                everywhere = routes.get((kind, None))
-                if everywhere is not None:
-                    subscribers = everywhere + subscribers if subscribers else everywhere
-                if kind == "myAsset":
-                    last[(kind, None, 0)] = message
-            if subscribers is None:
+                self._deliver_account(message, key, route)
+                continue
+            if route is None:
                 self.unrouted += 1
                 continue
-            is_book = type(message) is Orderbook
-            trimmed: dict[int, Message] | None = None
-            for subscriber in subscribers:
-                wishes = subscriber.wishes.get((kind, code)) or subscriber.wishes[(kind, None)]
-                if not is_book and len(wishes) == 1 and wishes[0].mode is Mode.BOTH:
-                    subscriber.put(message)  # the common case: it wants this as it is
-                    continue
-                if trimmed is None:
-                    trimmed = {}  # trimmed books shared by subscribers of one depth
-                for wish in wishes:
-                    narrowed = _narrow(message, wish, trimmed)
-                    if narrowed is not None:
-                        subscriber.put(narrowed)
-                        break
+            for offer in route.offers:
+                offer(key, message)
+            if route.narrowing:
+                _offer_narrowed(route, key, message, None)
+
+    def _deliver_book(self, message: Orderbook, key: _Key) -> None:
+        self._last[_cache_key(key[0], key[1], message.level)] = message
+        route = self._routes.get(key)
+        if route is None:
+            self.unrouted += 1
+            return
+        _offer_narrowed(route, key, message, {})
+
+    def _deliver_account(self, message: Message, key: _Key, route: _Route | None) -> None:
+        # Wishes for the whole account have no code.
+        everywhere = self._routes.get((key[0], None))
+        if key[0] == "myAsset":
+            self._last[(key[0], None)] = message
+        if route is None and everywhere is None:
+            self.unrouted += 1
+            return
+        for found in (route, everywhere):
+            if found is not None:
+                for offer in found.offers:
+                    offer(key, message)
+                if found.narrowing:
+                    _offer_narrowed(found, key, message, None)
 
     def stats(self) -> dict[str, Any]:
         return {"routes": len(self._routes), "cached": len(self._last), "unrouted": self.unrouted}
 
 
-def _narrow(message: Message, wish: Wish, trimmed: dict[int, Message]) -> Message | None:
-    """``message`` as ``wish`` wants it, or ``None`` if it does not want it at all."""
+def _cache_key(kind: str, code: str | None, level: float) -> tuple[Any, ...]:
+    # Only books have levels; every other kind is cached under its route key.
+    return (kind, code) if kind != "orderbook" else (kind, code, level)
+
+
+def _offer_narrowed(
+    route: _Route, key: _Key, message: Message, trimmed: dict[int, Message] | None
+) -> None:
+    for subscriber, wishes in route.narrowing:
+        for wish in wishes:
+            narrowed = _narrow(message, wish, trimmed)
+            if narrowed is not None:
+                subscriber.offer(key, narrowed)
+                break
+
+
+def _narrow(message: Message, wish: Wish, trimmed: dict[int, Message] | None) -> Message | None:
+    """``message`` as ``wish`` wants it, or ``None`` if it does not want it at all.
+
+    ``trimmed`` holds the books already cut to each depth for this message.
+    """
     mode = wish.mode
     if mode is not Mode.BOTH:
         snapshot = message.stream_type == "SNAPSHOT"
@@ -320,14 +476,16 @@ def _narrow(message: Message, wish: Wish, trimmed: dict[int, Message]) -> Messag
     units = message.orderbook_units
     if len(units) <= depth:
         return message
-    book = trimmed.get(depth)
+    book = None if trimmed is None else trimmed.get(depth)
     if book is None:
         kept = units[:depth]
         # Totals are sums over the units delivered, as the exchange computes them.
-        book = trimmed[depth] = msgspec.structs.replace(
+        book = msgspec.structs.replace(
             message,
             orderbook_units=kept,
             total_ask_size=sum(unit.ask_size for unit in kept),
             total_bid_size=sum(unit.bid_size for unit in kept),
         )
+        if trimmed is not None:
+            trimmed[depth] = book
     return book
