@@ -356,3 +356,50 @@ async def test_dead_components_leave_the_bus_and_dataclass_components_work(sim: 
         assert stats["components"] == 2
         assert len(stats["subscribers"]) == 2
         assert bus.router.stats()["routes"] == 2  # ticker KRW-BTC and trade KRW-BTC
+
+
+@pytest.mark.anyio
+async def test_a_callback_component_has_a_delivery_task_only_while_it_has_work(
+    sim: Simulator,
+) -> None:
+    # The simulator has no such market: every message here is one the test delivers.
+    code = "KRW-QUIET"
+    async with Bus(settings_for(sim)) as bus:
+        counter = Counter()
+        await bus.register_component(counter, upbus.ticker(code), overflow="drop_oldest")
+        await anyio.wait_all_tasks_blocked()
+        bus._dismiss_idle()  # the sweep, twice: the connected event's task ends
+        bus._dismiss_idle()
+        await anyio.wait_all_tasks_blocked()
+        assert bus.get_subscription_stats()["delivery_tasks"] == 0
+        for round_ in range(3):
+            bus.router.deliver([ticker(code, round_)])  # as the receive loop does
+            assert bus.get_subscription_stats()["delivery_tasks"] == 1
+            await anyio.wait_all_tasks_blocked()
+            assert counter.count == round_ + 1
+            bus._dismiss_idle()
+            bus._dismiss_idle()
+            await anyio.wait_all_tasks_blocked()
+            assert bus.get_subscription_stats()["delivery_tasks"] == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_a_consumer_parked_on_its_buffer_is_woken_on_either_backend() -> None:
+    subscriber = Subscriber("s", 8, "drop_oldest")
+    received: list[object] = []
+
+    async def consume() -> None:
+        async for item in subscriber:
+            received.append(item)
+
+    sent = [ticker("KRW-BTC", price) for price in range(5)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        for message in sent:
+            await anyio.wait_all_tasks_blocked()  # the consumer is parked
+            assert subscriber.waiting
+            subscriber.put(message)
+        await anyio.wait_all_tasks_blocked()
+        subscriber.close()
+    assert received == sent

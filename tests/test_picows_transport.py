@@ -440,6 +440,30 @@ async def test_a_reader_that_falls_behind_pauses_the_socket_and_loses_nothing() 
 
 
 @pytest.mark.anyio
+async def test_a_backlog_comes_back_in_bounded_batches_in_order() -> None:
+    frames = [BytesMessage(b"%05d" % i) for i in range(3000)]
+
+    async def handler(peer: Peer) -> None:
+        await peer.accept()
+        await peer.send(*frames)
+        await peer.next_event()
+
+    transport = PicowsTransport(max_pending=1000, trust_env=False)
+    sizes: list[int] = []
+    received: list[bytes | str] = []
+    async with connected(handler, transport) as conn:
+        with anyio.fail_after(WAIT):
+            while not conn._read_paused:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            while len(received) < len(frames):
+                batch = await conn.receive_batch()
+                sizes.append(len(batch))
+                received += batch
+    assert received == [f.data for f in frames]
+    assert max(sizes) == 256  # the backlog was over 256 and came back in slices
+
+
+@pytest.mark.anyio
 async def test_fragmented_messages_are_reassembled_around_a_ping() -> None:
     pongs: list[bytes] = []
     ponged = anyio.Event()

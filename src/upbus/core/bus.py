@@ -396,6 +396,8 @@ class Bus(AsyncContextManagerMixin):
         """Live components, merged entries and codes per channel, and per-subscriber buffers."""
         stats = self.subscriptions.get_subscription_stats()
         stats["subscribers"] = [subscriber.stats() for subscriber in self._subscribers.values()]
+        # Delivery tasks run only for components with work lately (ended when idle).
+        stats["delivery_tasks"] = len(self._driven)
         stats["router"] = self.router.stats()
         return stats
 

@@ -62,7 +62,8 @@ __all__ = ("PicowsConnection", "PicowsTransport", "proxy_from_environment")
 logger = logging.getLogger("upbus.transport")
 
 _MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # as the default transport's
-_MAX_PENDING = 4096  # messages waiting for receive_batch before reading pauses
+_MAX_PENDING = 1024  # messages waiting for receive_batch before reading pauses
+_MAX_BATCH = 256  # messages one receive_batch call returns at most
 _MAX_ERROR_BODY = 1_000  # characters of a refused upgrade's body kept in the error
 _INVALID_URL = safe_url("ws://[")  # what safe_url answers for a URL that does not parse
 
@@ -312,7 +313,7 @@ class PicowsConnection(WSListener):
     # -- the Connection interface -------------------------------------------------------
 
     async def receive_batch(self) -> list[bytes | str]:
-        """Wait for messages and return every one that has arrived, in order.
+        """Wait for messages and return those that have arrived (at most 256), in order.
 
         Binary messages come as ``bytes``, text messages as ``str``; the list is
         never empty. Messages that arrived ahead of a close frame are returned
@@ -322,12 +323,19 @@ class PicowsConnection(WSListener):
         while True:
             batch = self._batch
             if batch:
-                self._batch = []
-                if self._read_paused:
+                if len(batch) > _MAX_BATCH:
+                    # Bounded, so that what one call decodes and delivers at once (and
+                    # so the process's memory high-water mark) stays small under flood.
+                    taken = batch[:_MAX_BATCH]
+                    del batch[:_MAX_BATCH]
+                else:
+                    taken = batch
+                    self._batch = []
+                if self._read_paused and len(self._batch) < self._max_pending:
                     self._read_paused = False
                     if self._transport is not None and not self._transport.is_disconnected:
                         self._transport.underlying_transport.resume_reading()
-                return batch
+                return taken
             if self._close_info is not None:
                 raise self._closed_error()
             waiter = self._loop.create_future()
