@@ -17,6 +17,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any, Literal, cast
 
 import anyio
@@ -106,7 +107,8 @@ class Subscriber:
         self.capacity = capacity
         self.policy = policy
         self._conflating = policy == "conflate"
-        self.wishes: dict[_Key, tuple[Wish, ...]] = {}
+        #: (type, code) and the wishes for it, per key this subscriber is routed on.
+        self.wishes: tuple[tuple[_Key, tuple[Wish, ...]], ...] = ()
         # Items; a conflating buffer holds a message's (type, code) key instead, and
         # the newest message of each waiting key in _index.
         self._buffer: deque[Item | _Key] | None = None
@@ -318,6 +320,11 @@ class _Route:
     def __bool__(self) -> bool:
         return bool(self.offers or self.narrowing)
 
+    def subscribers(self) -> list[Subscriber]:
+        # Each offer is a subscriber's bound method.
+        owners = [cast(Subscriber, cast(MethodType, offer).__self__) for offer in self.offers]
+        return owners + [subscriber for subscriber, _wishes in self.narrowing]
+
 
 class Router:
     """Routes messages by (type, code) to subscribers and keeps the last value per key."""
@@ -326,7 +333,6 @@ class Router:
         self._routes: dict[_Key, _Route] = {}
         # Latest message per (type, code), or per (type, code, level) for books.
         self._last: dict[tuple[Any, ...], Message] = {}
-        self._subscribers: dict[Subscriber, None] = {}
         self._blocking: list[Subscriber] = []
         self.unrouted = 0
 
@@ -339,11 +345,10 @@ class Router:
         for kind, code in list(by_key):
             if code is not None and (kind, None) in by_key:
                 del by_key[(kind, code)]  # the whole account already covers this market
-        subscriber.wishes = {key: tuple(key_wishes) for key, key_wishes in by_key.items()}
-        self._subscribers[subscriber] = None
+        subscriber.wishes = tuple((key, tuple(key_wishes)) for key, key_wishes in by_key.items())
         if subscriber.policy == "block":
             self._blocking.append(subscriber)
-        for key, key_wishes in subscriber.wishes.items():
+        for key, key_wishes in subscriber.wishes:
             route = self._routes.get(key)
             if route is None:
                 route = self._routes[key] = _Route()
@@ -352,7 +357,7 @@ class Router:
                 route.offers.append(subscriber.offer)
             else:
                 route.narrowing.append((subscriber, key_wishes))
-        for (kind, code), key_wishes in subscriber.wishes.items():
+        for (kind, code), key_wishes in subscriber.wishes:
             for wish in key_wishes:
                 cached = self._last.get(_cache_key(kind, code, wish.level))
                 if cached is None or wish.mode is Mode.REALTIME:
@@ -366,7 +371,7 @@ class Router:
 
     def remove(self, subscriber: Subscriber) -> None:
         offer = subscriber.offer
-        for key in subscriber.wishes:
+        for key, _wishes in subscriber.wishes:
             route = self._routes.get(key)
             if route is None:
                 continue
@@ -375,8 +380,7 @@ class Router:
             route.narrowing = [entry for entry in route.narrowing if entry[0] is not subscriber]
             if not route:
                 del self._routes[key]
-        subscriber.wishes = {}
-        self._subscribers.pop(subscriber, None)
+        subscriber.wishes = ()
         if subscriber in self._blocking:
             self._blocking.remove(subscriber)
 
@@ -388,9 +392,13 @@ class Router:
 
     def broadcast(self, channel_types: frozenset[str], event: ConnectionEvent) -> None:
         """Put ``event`` into the buffer of every subscriber of the channel's types."""
-        for subscriber in self._subscribers:
-            if any(kind in channel_types for kind, _code in subscriber.wishes):
-                subscriber.put(event)
+        seen: set[Subscriber] = set()
+        for (kind, _code), route in self._routes.items():
+            if kind in channel_types:
+                for subscriber in route.subscribers():
+                    if subscriber not in seen:
+                        seen.add(subscriber)
+                        subscriber.put(event)
 
     def deliver(self, messages: list[Message]) -> None:
         """The per-message hot path: route, narrow, buffer. Never awaits."""

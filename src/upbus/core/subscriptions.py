@@ -36,23 +36,42 @@ Listener = Callable[[StateChange], None]
 SpecsArg = Spec | Mapping[str, Any] | Iterable[Spec | Mapping[str, Any]]
 
 
+_Wishes = tuple[tuple[Wish, ...], tuple[Wish, ...]]  # (public, private)
+_NONE: tuple[Wish, ...] = ()
+
+
+class _ComponentRef(weakref.ref[Any]):
+    """A weak reference to a component that carries its registration's token."""
+
+    __slots__ = ("token",)
+    token: int
+
+
 @dataclass(slots=True, eq=False)
 class _Registration:
     token: int
     key: int  # id() of the component when it registered
-    ref: weakref.ref[Any]
-    label: str
+    ref: _ComponentRef
+    kind: str  # the component's class name
     specs: tuple[Spec, ...]
-    wishes: dict[Channel, list[Wish]]
+    wishes: _Wishes
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}@{self.key:x}"
 
 
-def _enqueue_on_death(queue: deque[int], token: int) -> Callable[[weakref.ref[Any]], None]:
-    # The callback may run at any bytecode (even mid-update): it only enqueues.
-    # It holds the queue, not the manager, so components do not keep it alive.
-    def callback(_ref: weakref.ref[Any]) -> None:
-        queue.append(token)
+def _split(specs: Iterable[Spec]) -> _Wishes:
+    public: list[Wish] = []
+    private: list[Wish] = []
+    for spec in specs:
+        (public if spec.channel is Channel.PUBLIC else private).extend(spec.wishes())
+    # The shared empty tuple: most components use one channel only.
+    return (tuple(public) if public else _NONE, tuple(private) if private else _NONE)
 
-    return callback
+
+def _of(wishes: _Wishes, channel: Channel) -> tuple[Wish, ...]:
+    return wishes[0] if channel is Channel.PUBLIC else wishes[1]
 
 
 class SubscriptionManager:
@@ -75,7 +94,10 @@ class SubscriptionManager:
         self._states = {channel: MergedState(channel, (), 0) for channel in CHANNELS}
         self._by_key: dict[int, _Registration] = {}
         self._by_token: dict[int, _Registration] = {}
-        self._dead: deque[int] = deque()
+        # Weakref callbacks may run at any bytecode (even mid-update): they only
+        # enqueue the dead reference. One bound method serves every reference.
+        self._dead: deque[_ComponentRef] = deque()
+        self._on_death = self._dead.append
         self._next_token = 0
         self._listeners: list[Listener] = []
         self._tracer = tracer or get_tracer()
@@ -100,9 +122,7 @@ class SubscriptionManager:
         component cannot be weakly referenced (:class:`~upbus.ComponentError`).
         """
         parsed = tuple(parse_specs(specs))
-        wishes: dict[Channel, list[Wish]] = {channel: [] for channel in CHANNELS}
-        for spec in parsed:
-            wishes[spec.channel].extend(spec.wishes())
+        wishes = _split(parsed)
         self.collect_garbage()
         old = self._lookup(component)
         if old is not None:
@@ -111,20 +131,21 @@ class SubscriptionManager:
         token = self._next_token
         self._next_token += 1
         try:
-            ref = weakref.ref(component, _enqueue_on_death(self._dead, token))
+            ref = _ComponentRef(component, self._on_death)
         except TypeError:
             raise ComponentError(
                 f"{type(component).__name__} objects cannot be components: upbus holds "
                 "components by weak reference (give the class a __weakref__ slot, or "
                 "register an object of an ordinary class)"
             ) from None
-        label = f"{type(component).__name__}@{id(component):x}"
-        registration = _Registration(token, id(component), ref, label, parsed, wishes)
+        ref.token = token
+        kind = type(component).__name__
+        registration = _Registration(token, id(component), ref, kind, parsed, wishes)
         self._by_key[registration.key] = registration
         self._by_token[token] = registration
         self._registered_total += 1
-        changed = [ch for ch in CHANNELS if self._mergers[ch].add(wishes[ch])]
-        self._announce(changed, "register", label)
+        changed = [ch for ch in CHANNELS if self._mergers[ch].add(_of(wishes, ch))]
+        self._announce(changed, "register", registration.label)
 
     def unregister_component(self, component: object) -> bool:
         """Remove ``component``'s specs; return whether it was registered."""
@@ -133,7 +154,7 @@ class SubscriptionManager:
         if registration is None:
             return False
         self._drop(registration)
-        changed = [ch for ch in CHANNELS if self._mergers[ch].remove(registration.wishes[ch])]
+        changed = [ch for ch in CHANNELS if self._mergers[ch].remove(_of(registration.wishes, ch))]
         self._announce(changed, "unregister", registration.label)
         return True
 
@@ -192,13 +213,15 @@ class SubscriptionManager:
         collected = 0
         dead = self._dead
         while dead:
-            registration = self._by_token.get(dead.popleft())
+            registration = self._by_token.get(dead.popleft().token)
             if registration is None:
                 continue
             self._drop(registration)
             self._collected_total += 1
             collected += 1
-            changed = [ch for ch in CHANNELS if self._mergers[ch].remove(registration.wishes[ch])]
+            changed = [
+                ch for ch in CHANNELS if self._mergers[ch].remove(_of(registration.wishes, ch))
+            ]
             log.debug("component %s was garbage-collected", registration.label)
             self._announce(changed, "collected", registration.label)
         return collected
@@ -220,13 +243,11 @@ class SubscriptionManager:
         if self._by_key.get(registration.key) is registration:
             del self._by_key[registration.key]
 
-    def _replace(
-        self, old: _Registration, specs: tuple[Spec, ...], wishes: dict[Channel, list[Wish]]
-    ) -> None:
+    def _replace(self, old: _Registration, specs: tuple[Spec, ...], wishes: _Wishes) -> None:
         changed = []
         for channel in CHANNELS:
-            before = Counter(old.wishes[channel])
-            after = Counter(wishes[channel])
+            before = Counter(_of(old.wishes, channel))
+            after = Counter(_of(wishes, channel))
             merger = self._mergers[channel]
             added = merger.add((after - before).elements())
             removed = merger.remove((before - after).elements())
