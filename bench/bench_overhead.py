@@ -18,7 +18,7 @@ alternating after a warm-up:
 Then the full :class:`Bus` in-process: a fake transport hands the same frames to the
 bus's real receive loop (``--bus-batch`` frames per read, one event-loop turn per
 read), and each component's ``on_message`` is driven by its delivery task. That adds
-an ``anyio.Event`` and a task switch per wakeup; messages per wakeup are counted.
+a wakeup (a future) and a task switch; messages per wakeup are counted.
 
 Figures are µs per message read from the socket (so with ``S`` subscribers each
 message is delivered ``S`` times), median and min-max over many short runs; each

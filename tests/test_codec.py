@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import orjson
 import pytest
+from factories import make_ticker
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from upbit_samples import SAMPLES, needs_samples
@@ -705,16 +706,39 @@ def test_every_truncation_of_every_sample_is_rejected() -> None:
 
 
 PUBLIC_CLASSES = {*MESSAGE_CLASSES.values(), Status, ErrorMessage, SubscriptionList}
+CONTROL = (Status, ErrorMessage, SubscriptionList)
 
 
 def assert_decodes_or_rejects(frame: bytes | str) -> None:
+    data, control, errors = decoder.decode_batch([frame])
     try:
         messages = decoder.decode(frame)
     except FrameDecodeError:
+        assert (data, control, len(errors)) == ([], [], 1)  # the batch path agrees
         return
     assert messages
     # Only public classes come out (a SIMPLE object was given its public class back).
     assert all(type(m) in PUBLIC_CLASSES for m in messages)
+    assert not errors
+    assert data == [m for m in messages if not isinstance(m, CONTROL)]
+    assert control == [m for m in messages if isinstance(m, CONTROL)]
+
+
+def test_a_batch_splits_data_control_and_errors_in_frame_order() -> None:
+    one, two, three = (make_ticker(price) for price in (1.0, 2.0, 3.0))
+    error = {"error": {"name": "INVALID_AUTH", "message": "x"}}
+    frames: list[bytes | str] = [
+        b'{"type":"ticker","code":"KRW-BTC","trade_price":1}',  # fields missing
+        msgspec.json.encode(one),
+        '{"status":"UP"}',
+        b"garbage",
+        b"[" + msgspec.json.encode(two) + b"," + orjson.dumps(error) + b"]",
+        msgspec.json.encode(three).decode(),  # a text frame
+    ]
+    data, control, errors = decoder.decode_batch(frames)
+    assert data == [one, two, three]
+    assert [type(m) for m in control] == [Status, ErrorMessage]
+    assert [e.sample[:9] for e in errors] == [b'{"type":"', b"garbage"]
 
 
 @settings(max_examples=500, deadline=None)

@@ -42,6 +42,7 @@ from upbus.core.messages import (
     Asset,
     Candle,
     ErrorMessage,
+    Message,
     MyAsset,
     MyOrder,
     Orderbook,
@@ -346,6 +347,9 @@ _DEFAULT, _DEFAULT_MANY, _SIMPLE, _SIMPLE_MANY = _decoders()
 # Keyed by a frame's first bytes, for the fast paths.
 _ROUTES: Final = _routes(_DEFAULT, _SIMPLE)
 _LIST_ROUTES: Final = _routes(_DEFAULT_MANY, _SIMPLE_MANY, lead=b"[")
+# What the connection handles itself; everything else is data for the components.
+ControlMessage = Status | ErrorMessage | SubscriptionList
+_CONTROL_CLASSES: Final = (Status, ErrorMessage, SubscriptionList)
 # LIST_SUBSCRIPTIONS replies.
 _DEFAULT_SUBSCRIPTIONS: Final = msgspec.json.Decoder(SubscriptionList).decode
 _SIMPLE_SUBSCRIPTIONS: Final = _simple_functions(SubscriptionList, ("result", SubscriptionEntry))[0]
@@ -445,6 +449,41 @@ class FrameDecoder:
             raise FrameDecodeError(_sample(data), "nested too deeply") from None
         except UnicodeEncodeError:
             raise FrameDecodeError(_sample(data), "text is not valid Unicode") from None
+
+    def decode_batch(
+        self, frames: Sequence[bytes | str]
+    ) -> tuple[list[Message], list[ControlMessage], list[FrameDecodeError]]:
+        """Decode one socket read's frames: (data messages, control messages, errors).
+
+        Each list keeps frame order. A frame that does not decode is reported in the
+        errors and skipped; the others still count. This is the receive loop's hot
+        path: a data frame that the prefix table recognises costs one look-up and
+        one typed decode, with no per-message type test.
+        """
+        data: list[Message] = []
+        control: list[ControlMessage] = []
+        errors: list[FrameDecodeError] = []
+        routes = _ROUTES
+        for frame in frames:
+            if type(frame) is bytes:
+                decode = routes.get(frame[:12])
+                if decode is not None:
+                    try:
+                        data.append(decode(frame))
+                        continue
+                    except msgspec.DecodeError:
+                        pass  # decode() below says what is wrong
+            try:
+                messages = self.decode(frame)
+            except FrameDecodeError as exc:
+                errors.append(exc)
+                continue
+            for message in messages:
+                if isinstance(message, _CONTROL_CLASSES):
+                    control.append(message)
+                else:
+                    data.append(message)
+        return data, control, errors
 
 
 def _as_bytes(data: object) -> bytes:

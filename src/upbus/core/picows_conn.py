@@ -99,6 +99,7 @@ class PicowsConnection(WSListener):
 
     __slots__ = (
         "_abandoned",
+        "_backlog",
         "_batch",
         "_close_info",
         "_close_timeout",
@@ -136,6 +137,7 @@ class PicowsConnection(WSListener):
         self._batch: list[bytes | str] = []  # complete messages not yet returned
         self._waiter: asyncio.Future[None] | None = None  # receive_batch's wakeup
         self._read_paused = False
+        self._backlog = False  # the last receive_batch call left messages behind
         self._writable: asyncio.Future[None] | None = None  # set while writing is paused
         self._fragments: list[bytes] | None = None  # pieces of a fragmented message
         self._fragments_size = 0
@@ -320,14 +322,22 @@ class PicowsConnection(WSListener):
         first; the call after that raises :class:`ConnectionClosed` with the close
         frame's code and reason. A lost connection raises ``ConnectionClosed(None, …)``.
         """
+        if self._backlog:
+            # One socket read can bring thousands of messages (the kernel buffers
+            # megabytes on loopback). Between slices of such a backlog, let the
+            # consumers run, so they take what the last slice delivered before the
+            # next one is decoded; nothing is taken yet, so a cancel here loses nothing.
+            self._backlog = False
+            await asyncio.sleep(0)
         while True:
             batch = self._batch
             if batch:
                 if len(batch) > _MAX_BATCH:
                     # Bounded, so that what one call decodes and delivers at once (and
-                    # so the process's memory high-water mark) stays small under flood.
+                    # so the process's memory high-water mark) stays small.
                     taken = batch[:_MAX_BATCH]
                     del batch[:_MAX_BATCH]
+                    self._backlog = True
                 else:
                     taken = batch
                     self._batch = []

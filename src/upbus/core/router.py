@@ -280,11 +280,16 @@ class Subscriber:
             self._room.set()
 
     async def __aiter__(self) -> AsyncIterator[Item]:
+        # get() inlined: no coroutine per item while items are waiting.
+        take = self.take
         while True:
-            try:
-                yield await self.get()
-            except anyio.EndOfStream:
+            item = take()
+            if item is not None:
+                yield item
+            elif self.closed:
                 return
+            else:
+                await self.wait()
 
     def stats(self) -> dict[str, Any]:
         return {

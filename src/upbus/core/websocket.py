@@ -15,8 +15,10 @@ messages per connection).
 from __future__ import annotations
 
 import logging
+import operator
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -27,7 +29,7 @@ from anyio.abc import TaskGroup
 from upbus.core.batcher import Batcher
 from upbus.core.clock import AnyioClock, Clock
 from upbus.core.codec import FrameDecoder, encode_list_subscriptions, encode_request, new_ticket
-from upbus.core.errors import FrameDecodeError, LimiterWaitExpired
+from upbus.core.errors import LimiterWaitExpired
 from upbus.core.messages import ErrorMessage, Message, Status, SubscriptionList
 from upbus.core.ratelimit import RollingWindowLimiter
 from upbus.core.specs import Channel
@@ -51,7 +53,7 @@ log = logging.getLogger("upbus.connection")
 # not documented, so every known spelling counts.
 TOO_MANY = frozenset({"Too Many Requests", "TOO_MANY_REQUEST", "TOO_MANY_REQUESTS"})
 BANNED = frozenset({"I'm a teapot"})
-_CONTROL = (Status, ErrorMessage, SubscriptionList)
+_TYPE_OF = operator.attrgetter("type")
 
 
 class WebSocketManager:
@@ -129,7 +131,7 @@ class WebSocketManager:
         self._last_sent: MergedState | None = None
         self._ping_rtt: float | None = None
         self._last_message_time: float | None = None
-        self._by_type: dict[str, int] = {}
+        self._by_type: Counter[str] = Counter()
         self._counts = {
             "connects": 0,
             "reconnects": 0,
@@ -385,7 +387,7 @@ class WebSocketManager:
                 self._batcher.resend()
 
     async def _receive(self, conn: Connection) -> None:
-        decode = self._decoder.decode
+        decode_batch = self._decoder.decode_batch
         deliver = self._deliver
         backpressure = self._backpressure
         counts = self._counts
@@ -394,23 +396,15 @@ class WebSocketManager:
             frames = await conn.receive_batch()
             counts["frames_in"] += len(frames)
             counts["bytes_in"] += sum(map(len, frames))
-            batch: list[Message] = []
-            for frame in frames:
-                try:
-                    messages = decode(frame)
-                except FrameDecodeError as exc:
-                    counts["decode_errors"] += 1
-                    log.warning("%s: %s", self.channel.value, exc)
-                    continue
-                for message in messages:
-                    if isinstance(message, _CONTROL):
-                        self._control(message)
-                    else:
-                        batch.append(message)
-                        kind = message.type
-                        by_type[kind] = by_type.get(kind, 0) + 1
+            batch, control, errors = decode_batch(frames)
+            for exc in errors:
+                counts["decode_errors"] += 1
+                log.warning("%s: %s", self.channel.value, exc)
+            for message in control:
+                self._control(message)
             if batch:
                 counts["messages_in"] += len(batch)
+                by_type.update(map(_TYPE_OF, batch))  # counted in C
                 self._last_message_time = time.time()
                 deliver(batch)
                 if backpressure is not None:
