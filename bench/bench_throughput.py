@@ -10,10 +10,11 @@ peak RSS are its own. Contenders, all on asyncio:
 
 * ``A upbus/httpx``: ``upbus.Bus`` with the default transport (httpx + httpx-ws;
   ``--transport NAME``, repeatable, adds an A per transport setting) and one
-  component that counts messages by iterating its Subscriber (``async for``), the
-  fastest of the documented ways (``--style plain`` / ``async``: a ``def`` /
-  ``async def on_message`` instead); overflow ``"block"`` (capacity 65,536), so
-  nothing is conflated or dropped (the drops column checks that);
+  component that counts messages by iterating its Subscriber (``async for``;
+  ``--style``, repeatable, adds an A per style: ``batches``, ``async for`` over
+  ``Subscriber.batches()``; ``plain`` / ``async``, a ``def`` / ``async def
+  on_message``); overflow ``"block"`` (capacity 65,536), so nothing is conflated or
+  dropped (the drops column checks that);
 * ``B websockets``: ``websockets.asyncio.client.connect``, send the subscription,
   ``async for`` every message, ``orjson.loads``, count;
 * ``C picows``: a ``picows`` listener that ``orjson.loads`` every binary frame's
@@ -100,10 +101,20 @@ class Contender:
     label: str
     child: str
     transport: str = ""
+    style: str = "iterate"
 
 
-def contenders(transports: list[str]) -> list[Contender]:
-    uppers = [Contender(f"A upbus/{name}", "upbus", name) for name in transports]
+def contenders(transports: list[str], styles: list[str]) -> list[Contender]:
+    uppers = [
+        Contender(
+            f"A upbus/{name}" + ("" if styles == ["iterate"] else f" {style}"),
+            "upbus",
+            name,
+            style,
+        )
+        for name in transports
+        for style in styles
+    ]
     return [*uppers, Contender("B websockets", "websockets"), Contender("C picows", "picows")]
 
 
@@ -181,6 +192,23 @@ async def child_upbus(url: str, workload: str, window: Window, options: Options)
                     window.open()
                 elif window.count == window.n:
                     window.close()
+                    break
+        elif options.style == "batches":
+            reader = Lossless()
+            subscriber = await bus.register_component(reader, specs)
+            async for items in subscriber.batches():
+                for item in items:
+                    if item.type == "connection":
+                        continue
+                    window.count += 1
+                    if window.count == 0:
+                        assert item.type == kind, item
+                    elif window.count == 1:
+                        window.open()
+                    elif window.count == window.n:
+                        window.close()
+                        break
+                if window.count >= window.n:
                     break
         else:
             component = Async() if options.style == "async" else Plain()
@@ -264,7 +292,7 @@ CHILDREN: dict[str, Callable[[str, str, Window, Options], Coroutine[None, None, 
 def run_child(args: argparse.Namespace) -> None:
     window = Window(args.messages)
     child = CHILDREN[args.child]
-    coroutine = child(args.url, args.workload, window, Options(args.style, args.transport[0]))
+    coroutine = child(args.url, args.workload, window, Options(args.style[0], args.transport[0]))
     if args.profile:
         import cProfile
 
@@ -306,9 +334,7 @@ class Run:
     sim_busy: float | None  # the simulator's CPU time / the window's wall time
 
 
-def one_run(
-    contender: Contender, url: str, workload: str, messages: int, style: str, sim_pid: int
-) -> Run:
+def one_run(contender: Contender, url: str, workload: str, messages: int, sim_pid: int) -> Run:
     name = contender.label
     command = [
         sys.executable,
@@ -322,7 +348,7 @@ def one_run(
         "--messages",
         str(messages),
         "--style",
-        style,
+        contender.style,
     ]
     if contender.transport:
         command += ["--transport", contender.transport]
@@ -401,10 +427,17 @@ def report(workload: str, results: dict[str, list[Run]]) -> None:
             continue
         for other in ("B websockets", "C picows"):
             o_rate, o_cost, o_rss = medians[other]
+            # Runs of one round ran back to back: their ratio is the least disturbed
+            # by a neighbour slowing the shared machine for a while.
+            pairs = list(zip(results[name], results[other], strict=True))
+            rate_ratio = statistics.median(a.rate / o.rate for a, o in pairs)
+            cost_ratio = statistics.median(a.cpu_us / o.cpu_us for a, o in pairs)
             print(
-                f"{name} / {other}: throughput ×{a_rate / o_rate:.2f}, "
-                f"CPU per message ×{a_cost / o_cost:.2f}, peak RSS ×{a_rss / o_rss:.2f}"
+                f"{name} / {other}: throughput ×{rate_ratio:.2f} (ratio of medians "
+                f"×{a_rate / o_rate:.2f}), CPU per message ×{cost_ratio:.2f} "
+                f"(×{a_cost / o_cost:.2f}), peak RSS ×{a_rss / o_rss:.2f}"
             )
+    print("(ratios: median over rounds of the ratio within each round)")
 
 
 def main() -> None:
@@ -416,10 +449,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--style",
-        choices=("iterate", "plain", "async"),
-        default="iterate",
-        help="how the upbus component consumes: `async for` over its Subscriber (the "
-        "fastest), a plain `def on_message`, or `async def on_message`",
+        choices=("iterate", "batches", "plain", "async"),
+        action="append",
+        help="how the upbus component consumes (repeatable: one contender A per style): "
+        "`async for` over its Subscriber (the default), `async for` over "
+        "`Subscriber.batches()`, a plain `def on_message`, or `async def on_message`",
     )
     parser.add_argument(
         "--transport",
@@ -437,6 +471,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.transport = args.transport or ["httpx"]
+    args.style = args.style or ["iterate"]
     if args.child:
         if args.workload is None:
             args.workload = ["ticker"]
@@ -445,7 +480,7 @@ def main() -> None:
         return
 
     workloads = args.workload or list(WORKLOADS)
-    racers = contenders(args.transport)
+    racers = contenders(args.transport, args.style)
     warm_up = min(args.messages, 20_000)
     sim, url = start_simulator()
     try:
@@ -454,16 +489,18 @@ def main() -> None:
             f"{os.cpu_count()} CPUs; upbus {version('upbus')}, websockets "
             f"{version('websockets')}, picows {version('picows')}, orjson {version('orjson')}; "
             f"{args.messages:,} messages per run, {args.runs} runs after a warm-up; "
-            f"upbus style: {args.style}, transport(s): {', '.join(args.transport)}",
+            f"upbus style(s): {', '.join(args.style)}, transport(s): {', '.join(args.transport)}",
             flush=True,
         )
         for workload in workloads:
             for racer in racers:  # warm-up; the simulator also builds its ring here
-                one_run(racer, url, workload, warm_up, args.style, sim.pid)
+                one_run(racer, url, workload, warm_up, sim.pid)
             results: dict[str, list[Run]] = {racer.label: [] for racer in racers}
             for number in range(1, args.runs + 1):
-                for racer in racers:
-                    run = one_run(racer, url, workload, args.messages, args.style, sim.pid)
+                # Each round in another order, so that no contender always runs first.
+                shift = (number - 1) % len(racers)
+                for racer in racers[shift:] + racers[:shift]:
+                    run = one_run(racer, url, workload, args.messages, sim.pid)
                     results[racer.label].append(run)
                     busy = "n/a" if run.sim_busy is None else f"{run.sim_busy:.0%}"
                     print(

@@ -403,3 +403,70 @@ async def test_a_consumer_parked_on_its_buffer_is_woken_on_either_backend() -> N
         await anyio.wait_all_tasks_blocked()
         subscriber.close()
     assert received == sent
+
+
+def test_take_all_hands_over_everything_in_order_with_conflated_keys_resolved() -> None:
+    subscriber = Subscriber("s", 8, "conflate")
+    subscriber.put(ticker("KRW-BTC", 1))
+    subscriber.put(ticker("KRW-ETH", 10))
+    subscriber.put(ticker("KRW-BTC", 2))  # replaces the waiting KRW-BTC
+    gap = ConnectionEvent("public", "gap", "lost")
+    subscriber.put(gap)
+    subscriber.put(ticker("KRW-BTC", 3))
+    items = subscriber.take_all()
+    assert [getattr(item, "trade_price", item) for item in items] == [2, 10, gap, 3]
+    assert subscriber.take_all() == []
+    assert (subscriber.delivered, subscriber.dropped) == (4, 1)
+    subscriber.put(ticker("KRW-BTC", 4))  # the index was emptied with the buffer
+    assert subscriber.take_all() == [ticker("KRW-BTC", 4)]
+
+
+@pytest.mark.anyio
+async def test_batches_lose_nothing_and_free_a_full_block_buffer() -> None:
+    subscriber = Subscriber("s", 3, "block")
+    sent = [ticker("KRW-BTC", price) for price in range(10)]
+    received: list[object] = []
+    sizes: list[int] = []
+
+    async def produce() -> None:
+        for message in sent:
+            await subscriber.wait_for_room()  # as the receive loop does
+            subscriber.put(message)
+        subscriber.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(produce)
+        async for items in subscriber.batches():
+            sizes.append(len(items))
+            received += items
+    assert received == sent
+    assert max(sizes) <= 3
+    assert subscriber.overflowed == 0
+
+
+@pytest.mark.anyio
+async def test_plain_and_async_handlers_get_every_message_in_order(sim: Simulator) -> None:
+    code = "KRW-QUIET"  # nothing but what the test delivers
+
+    class Plain:
+        def __init__(self) -> None:
+            self.prices: list[float] = []
+
+        def on_message(self, message: Ticker) -> None:
+            self.prices.append(message.trade_price)
+
+    class Async(Plain):
+        async def on_message(self, message: Ticker) -> None:  # type: ignore[override]
+            await anyio.lowlevel.checkpoint()
+            self.prices.append(message.trade_price)
+
+    async with Bus(settings_for(sim)) as bus:
+        plain, slow = Plain(), Async()
+        for component in (plain, slow):
+            await bus.register_component(
+                component, upbus.ticker(code), overflow="drop_oldest", capacity=1000
+            )
+        for start in range(0, 300, 100):
+            bus.router.deliver([ticker(code, price) for price in range(start, start + 100)])
+            await anyio.wait_all_tasks_blocked()
+    assert plain.prices == slow.prices == list(range(300))

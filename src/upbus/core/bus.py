@@ -358,24 +358,23 @@ class Bus(AsyncContextManagerMixin):
                 on_state = getattr(component, "on_connection_state", None)
                 del component  # held only while there is work, not while parked
                 coroutine = inspect.iscoroutinefunction(on_message)
-                item = subscriber.take()
-                while item is not None:
-                    try:
-                        if type(item) is ConnectionEvent:
-                            if on_state is not None:
-                                await _maybe_await(on_state(item))
-                        elif coroutine:
-                            await on_message(item)
-                        else:
-                            result = on_message(item)
-                            if result is not None:
-                                await _maybe_await(result)
-                    except Exception:
-                        subscriber.failures += 1
-                        log.exception(
-                            "component %s failed handling %s", subscriber.label, item.type
-                        )
-                    item = subscriber.take()
+                while items := _next_items(subscriber, coroutine):
+                    for item in items:
+                        try:
+                            if type(item) is ConnectionEvent:
+                                if on_state is not None:
+                                    await _maybe_await(on_state(item))
+                            elif coroutine:
+                                await on_message(item)
+                            else:
+                                result = on_message(item)
+                                if result is not None:
+                                    await _maybe_await(result)
+                        except Exception:
+                            subscriber.failures += 1
+                            log.exception(
+                                "component %s failed handling %s", subscriber.label, item.type
+                            )
                 del on_message, on_state
                 if subscriber.closed:
                     return
@@ -420,6 +419,16 @@ class Bus(AsyncContextManagerMixin):
     def get_pending_task_status(self) -> dict[str, Any]:
         """Per channel: whether a send task is pending, its phase, and its counters."""
         return {ch.value: batcher.status() for ch, batcher in self._batchers.items()}
+
+
+def _next_items(subscriber: Subscriber, one_at_a_time: bool) -> list[Any]:
+    # A plain handler runs without awaiting, so nothing can arrive while it works
+    # through a list: taking everything at once changes nothing it would see. An
+    # async one may wait, and then should get the newest of a conflated key.
+    if one_at_a_time:
+        item = subscriber.take()
+        return [] if item is None else [item]
+    return subscriber.take_all()
 
 
 def _owner(subscriber: Subscriber) -> Any:

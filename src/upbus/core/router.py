@@ -23,7 +23,7 @@ from typing import Any, Literal, cast
 import anyio
 import msgspec
 
-from upbus.core.messages import Message, Orderbook
+from upbus.core.messages import Message, MyAsset, MyOrder, Orderbook
 from upbus.core.specs import Mode, Wish
 
 __all__ = ("ConnectionEvent", "Overflow", "Router", "Subscriber")
@@ -34,6 +34,8 @@ Overflow = Literal["conflate", "drop_oldest", "block"]
 OVERFLOW_POLICIES: tuple[Overflow, ...] = ("conflate", "drop_oldest", "block")
 
 _Key = tuple[str, str | None]
+# Their wishes may cover the whole account (no code): see Router._deliver_account.
+_ACCOUNT_CLASSES = frozenset({MyOrder, MyAsset})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +111,11 @@ class Subscriber:
         self._conflating = policy == "conflate"
         #: (type, code) and the wishes for it, per key this subscriber is routed on.
         self.wishes: tuple[tuple[_Key, tuple[Wish, ...]], ...] = ()
-        # Items; a conflating buffer holds a message's (type, code) key instead, and
-        # the newest message of each waiting key in _index.
-        self._buffer: deque[Item | _Key] | None = None
-        self._index: dict[_Key, Message] = {}
+        # Items; a conflating buffer holds a key standing for a message's (type,
+        # code) instead, and the newest message of each waiting key in _index. The
+        # router's keys are its routes; put() uses the (type, code) tuple.
+        self._buffer: deque[Item | _Route | _Key] | None = None
+        self._index: dict[_Route | _Key, Message] = {}
         self._waiter: asyncio.Future[None] | anyio.Event | None = None
         self._room: anyio.Event | None = None
         #: The component this buffer serves (a weak reference), set by the bus.
@@ -146,8 +149,8 @@ class Subscriber:
         else:
             self.offer((item.type, item.code), item)
 
-    def offer(self, key: _Key, message: Message) -> None:
-        """Buffer ``message``, whose (type, code) is ``key``: the router's hot path."""
+    def offer(self, key: _Route | _Key, message: Message) -> None:
+        """Buffer ``message``; ``key`` stands for its (type, code): the router's hot path."""
         buffer = self._buffer
         if buffer is None:
             buffer = self._buffer = deque()
@@ -175,10 +178,10 @@ class Subscriber:
         # Replace each waiting key by its message: the buffer's order is kept.
         index = self._index
         if self._buffer:
-            self._buffer = deque(index[e] if type(e) is tuple else e for e in self._buffer)
+            self._buffer = deque(_unkey(index, entry) for entry in self._buffer)
         index.clear()
 
-    def _append(self, entry: Item | _Key) -> None:
+    def _append(self, entry: Item | _Route | _Key) -> None:
         buffer = self._buffer
         if buffer is None:
             buffer = self._buffer = deque()
@@ -205,9 +208,26 @@ class Subscriber:
         if self._room is not None:
             self._release_room()
         self.delivered += 1
-        if type(entry) is tuple:  # a conflating buffer's key: its newest message
-            return self._index.pop(entry)
+        if type(entry) in _KEY_TYPES:  # a conflating buffer's key: its newest message
+            return self._index.pop(cast(_Route | _Key, entry))
         return cast(Item, entry)
+
+    def take_all(self) -> list[Item]:
+        """Every buffered item, oldest first (empty when nothing is buffered)."""
+        buffer = self._buffer
+        if not buffer:
+            return []
+        if self._index:
+            index = self._index
+            items = [_unkey(index, entry) for entry in buffer]
+            index.clear()
+        else:
+            items = cast(list[Item], list(buffer))
+        buffer.clear()
+        self.delivered += len(items)
+        if self._room is not None:
+            self._release_room()
+        return items
 
     def _release_room(self) -> None:
         if self._room is not None and len(self) < self.capacity:
@@ -291,6 +311,23 @@ class Subscriber:
             else:
                 await self.wait()
 
+    async def batches(self) -> AsyncIterator[list[Item]]:
+        """Iterate lists of items: each time, everything buffered (never empty).
+
+        For consumers that handle items in bulk (a recorder writing rows): one
+        wakeup and one call hand over everything that arrived meanwhile. Items in
+        a list already taken are no longer conflated or dropped; a ``block``
+        buffer makes room for the next ones as soon as a list is taken.
+        """
+        while True:
+            items = self.take_all()
+            if items:
+                yield items
+            elif self.closed:
+                return
+            else:
+                await self.wait()
+
     def stats(self) -> dict[str, Any]:
         return {
             "subscriber": self.label,
@@ -312,15 +349,18 @@ def _check(capacity: int, policy: str) -> None:
 
 
 class _Route:
-    """The subscribers of one (type, code)."""
+    """The subscribers of one (type, code), and its latest message."""
 
-    __slots__ = ("narrowing", "offers")
+    __slots__ = ("books", "last", "narrowing", "offers")
 
     def __init__(self) -> None:
         # Subscribers that want every message of the key as it is: just their offer().
-        self.offers: list[Callable[[_Key, Message], None]] = []
+        self.offers: list[Callable[[_Route, Message], None]] = []
         # The others, with their wishes, to narrow each message (books, modes, levels).
         self.narrowing: list[tuple[Subscriber, tuple[Wish, ...]]] = []
+        # The last-value cache: the latest message, or for books the latest per level.
+        self.last: Message | None = None
+        self.books: dict[float, Orderbook] = {}
 
     def __bool__(self) -> bool:
         return bool(self.offers or self.narrowing)
@@ -330,14 +370,31 @@ class _Route:
         owners = [cast(Subscriber, cast(MethodType, offer).__self__) for offer in self.offers]
         return owners + [subscriber for subscriber, _wishes in self.narrowing]
 
+    def cached(self, level: float) -> Message | None:
+        return self.books.get(level) if self.books else self.last
+
+
+# What a conflating buffer may hold in place of a message.
+_KEY_TYPES = frozenset({tuple, _Route})
+
+
+def _unkey(index: dict[_Route | _Key, Message], entry: Item | _Route | _Key) -> Item:
+    if type(entry) in _KEY_TYPES:
+        return index[cast(_Route | _Key, entry)]
+    return cast(Item, entry)
+
 
 class Router:
-    """Routes messages by (type, code) to subscribers and keeps the last value per key."""
+    """Routes messages by (type, code) to subscribers and keeps the last value per key.
+
+    The routes are looked up by type, then by code: a message's type is one shared
+    string (cheap to hash and compare), and no key tuple is built per message.
+    The cached last value lives in the route, so it goes when the key's last
+    subscriber does (a new one is subscribed afresh, and gets a fresh snapshot).
+    """
 
     def __init__(self) -> None:
-        self._routes: dict[_Key, _Route] = {}
-        # Latest message per (type, code), or per (type, code, level) for books.
-        self._last: dict[tuple[Any, ...], Message] = {}
+        self._routes: dict[str, dict[str | None, _Route]] = {}
         self._blocking: list[Subscriber] = []
         self.unrouted = 0
 
@@ -353,38 +410,48 @@ class Router:
         subscriber.wishes = tuple((key, tuple(key_wishes)) for key, key_wishes in by_key.items())
         if subscriber.policy == "block":
             self._blocking.append(subscriber)
-        for key, key_wishes in subscriber.wishes:
-            route = self._routes.get(key)
+        for (kind, code), key_wishes in subscriber.wishes:
+            by_code = self._routes.setdefault(kind, {})
+            route = by_code.get(code)
+            fresh = route is None
             if route is None:
-                route = self._routes[key] = _Route()
+                route = by_code[code] = _Route()
             only = key_wishes[0]
             if len(key_wishes) == 1 and only.mode is Mode.BOTH and only.type != "orderbook":
                 route.offers.append(subscriber.offer)
             else:
                 route.narrowing.append((subscriber, key_wishes))
-        for (kind, code), key_wishes in subscriber.wishes:
-            for wish in key_wishes:
-                cached = self._last.get(_cache_key(kind, code, wish.level))
-                if cached is None or wish.mode is Mode.REALTIME:
-                    continue
-                # The cached message is the current state, whatever its stream
-                # type: a snapshot-only joiner gets it as its snapshot.
-                narrowed = _narrow(cached, Wish(kind, code, wish.level, wish.depth), None)
-                if narrowed is not None:
-                    subscriber.put(narrowed)
-                    break
+            if not fresh:
+                self._replay(subscriber, route, key_wishes)
+
+    def _replay(self, subscriber: Subscriber, route: _Route, wishes: tuple[Wish, ...]) -> None:
+        # A late joiner to a live key causes no request: it gets the cached value.
+        for wish in wishes:
+            cached = route.cached(wish.level)
+            if cached is None or wish.mode is Mode.REALTIME:
+                continue
+            # The cached message is the current state, whatever its stream type:
+            # a snapshot-only joiner gets it as its snapshot.
+            plain = Wish(wish.type, wish.code, wish.level, wish.depth)
+            narrowed = _narrow(cached, plain, None)
+            if narrowed is not None:
+                subscriber.offer(route, narrowed)
+                return
 
     def remove(self, subscriber: Subscriber) -> None:
         offer = subscriber.offer
-        for key, _wishes in subscriber.wishes:
-            route = self._routes.get(key)
-            if route is None:
+        for (kind, code), _wishes in subscriber.wishes:
+            by_code = self._routes.get(kind)
+            route = None if by_code is None else by_code.get(code)
+            if by_code is None or route is None:
                 continue
             if offer in route.offers:
                 route.offers.remove(offer)
             route.narrowing = [entry for entry in route.narrowing if entry[0] is not subscriber]
             if not route:
-                del self._routes[key]
+                del by_code[code]
+                if not by_code:
+                    del self._routes[kind]
         subscriber.wishes = ()
         if subscriber in self._blocking:
             self._blocking.remove(subscriber)
@@ -398,76 +465,69 @@ class Router:
     def broadcast(self, channel_types: frozenset[str], event: ConnectionEvent) -> None:
         """Put ``event`` into the buffer of every subscriber of the channel's types."""
         seen: set[Subscriber] = set()
-        for (kind, _code), route in self._routes.items():
+        for kind, by_code in self._routes.items():
             if kind in channel_types:
-                for subscriber in route.subscribers():
-                    if subscriber not in seen:
-                        seen.add(subscriber)
-                        subscriber.put(event)
+                for route in by_code.values():
+                    for subscriber in route.subscribers():
+                        if subscriber not in seen:
+                            seen.add(subscriber)
+                            subscriber.put(event)
 
     def deliver(self, messages: list[Message]) -> None:
         """The per-message hot path: route, narrow, buffer. Never awaits."""
         routes = self._routes
-        last = self._last
         for message in messages:
-            kind = message.type
-            key = (kind, message.code)
-            if type(message) is Orderbook:
-                self._deliver_book(message, key)
-                continue
-            last[key] = message
-            route = routes.get(key)
-            if kind == "myOrder" or kind == "myAsset":
-                self._deliver_account(message, key, route)
-                continue
-            if route is None:
+            by_code = routes.get(message.type)
+            route = None if by_code is None else by_code.get(message.code)
+            cls = type(message)
+            if cls is Orderbook:
+                self._deliver_book(cast(Orderbook, message), route)
+            elif cls in _ACCOUNT_CLASSES:
+                self._deliver_account(message, by_code, route)
+            elif route is None:
                 self.unrouted += 1
-                continue
-            for offer in route.offers:
-                offer(key, message)
-            if route.narrowing:
-                _offer_narrowed(route, key, message, None)
+            else:
+                route.last = message
+                for offer in route.offers:
+                    offer(route, message)
+                if route.narrowing:
+                    _offer_narrowed(route, message, None)
 
-    def _deliver_book(self, message: Orderbook, key: _Key) -> None:
-        self._last[_cache_key(key[0], key[1], message.level)] = message
-        route = self._routes.get(key)
+    def _deliver_book(self, message: Orderbook, route: _Route | None) -> None:
         if route is None:
             self.unrouted += 1
             return
-        _offer_narrowed(route, key, message, {})
+        route.books[message.level] = message
+        _offer_narrowed(route, message, {})
 
-    def _deliver_account(self, message: Message, key: _Key, route: _Route | None) -> None:
+    def _deliver_account(
+        self, message: Message, by_code: dict[str | None, _Route] | None, route: _Route | None
+    ) -> None:
         # Wishes for the whole account have no code.
-        everywhere = self._routes.get((key[0], None))
-        if key[0] == "myAsset":
-            self._last[(key[0], None)] = message
+        everywhere = None if by_code is None else by_code.get(None)
         if route is None and everywhere is None:
             self.unrouted += 1
             return
         for found in (route, everywhere):
             if found is not None:
+                found.last = message
                 for offer in found.offers:
-                    offer(key, message)
+                    offer(found, message)
                 if found.narrowing:
-                    _offer_narrowed(found, key, message, None)
+                    _offer_narrowed(found, message, None)
 
     def stats(self) -> dict[str, Any]:
-        return {"routes": len(self._routes), "cached": len(self._last), "unrouted": self.unrouted}
+        routes = [route for by_code in self._routes.values() for route in by_code.values()]
+        cached = sum(len(route.books) or route.last is not None for route in routes)
+        return {"routes": len(routes), "cached": cached, "unrouted": self.unrouted}
 
 
-def _cache_key(kind: str, code: str | None, level: float) -> tuple[Any, ...]:
-    # Only books have levels; every other kind is cached under its route key.
-    return (kind, code) if kind != "orderbook" else (kind, code, level)
-
-
-def _offer_narrowed(
-    route: _Route, key: _Key, message: Message, trimmed: dict[int, Message] | None
-) -> None:
+def _offer_narrowed(route: _Route, message: Message, trimmed: dict[int, Message] | None) -> None:
     for subscriber, wishes in route.narrowing:
         for wish in wishes:
             narrowed = _narrow(message, wish, trimmed)
             if narrowed is not None:
-                subscriber.offer(key, narrowed)
+                subscriber.offer(route, narrowed)
                 break
 
 
