@@ -208,9 +208,9 @@ class Subscriber:
         if self._room is not None:
             self._release_room()
         self.delivered += 1
-        if type(entry) in _KEY_TYPES:  # a conflating buffer's key: its newest message
-            return self._index.pop(cast(_Route | _Key, entry))
-        return cast(Item, entry)
+        if isinstance(entry, _KEY_CLASSES):  # a conflating buffer's key: its newest message
+            return self._index.pop(entry)
+        return entry
 
     def take_all(self) -> list[Item]:
         """Every buffered item, oldest first (empty when nothing is buffered)."""
@@ -375,13 +375,13 @@ class _Route:
 
 
 # What a conflating buffer may hold in place of a message.
-_KEY_TYPES = frozenset({tuple, _Route})
+_KEY_CLASSES = (tuple, _Route)
 
 
 def _unkey(index: dict[_Route | _Key, Message], entry: Item | _Route | _Key) -> Item:
-    if type(entry) in _KEY_TYPES:
-        return index[cast(_Route | _Key, entry)]
-    return cast(Item, entry)
+    if isinstance(entry, _KEY_CLASSES):
+        return index[entry]
+    return entry
 
 
 class Router:
@@ -479,10 +479,10 @@ class Router:
         for message in messages:
             by_code = routes.get(message.type)
             route = None if by_code is None else by_code.get(message.code)
-            cls = type(message)
-            if cls is Orderbook:
-                self._deliver_book(cast(Orderbook, message), route)
-            elif cls in _ACCOUNT_CLASSES:
+            # isinstance, not casts: typing.cast is a call, and the hot path pays it.
+            if isinstance(message, Orderbook):
+                self._deliver_book(message, route)
+            elif type(message) in _ACCOUNT_CLASSES:
                 self._deliver_account(message, by_code, route)
             elif route is None:
                 self.unrouted += 1
