@@ -463,6 +463,26 @@ async def test_a_backlog_comes_back_in_bounded_batches_in_order() -> None:
     assert max(sizes) == 256  # the backlog was over 256 and came back in slices
 
 
+@pytest.mark.parametrize("size", [300_000, None])
+@pytest.mark.anyio
+async def test_the_socket_receive_buffer_is_bounded_unless_told_otherwise(
+    size: int | None,
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.accept()
+        await peer.next_event()
+
+    transport = PicowsTransport(receive_buffer=size, trust_env=False)
+    async with connected(handler, transport) as conn:
+        assert conn._transport is not None
+        sock = conn._transport.underlying_transport.get_extra_info("socket")
+        actual = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if size is None:
+        assert actual != 2 * 300_000  # the kernel's own choice
+    else:
+        assert actual == 2 * size  # Linux doubles the value set, for its bookkeeping
+
+
 @pytest.mark.anyio
 async def test_fragmented_messages_are_reassembled_around_a_ping() -> None:
     pongs: list[bytes] = []

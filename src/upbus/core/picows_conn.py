@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import weakref
 from collections.abc import Mapping
@@ -64,6 +65,9 @@ logger = logging.getLogger("upbus.transport")
 _MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # as the default transport's
 _MAX_PENDING = 1024  # messages waiting for receive_batch before reading pauses
 _MAX_BATCH = 256  # messages one receive_batch call returns at most
+# The socket's receive buffer (Linux doubles it): 2 MiB in flight is ~7 MB/s at a
+# 300 ms round trip, far above the exchange's rates, and bounds one read's size.
+_RECEIVE_BUFFER = 1024 * 1024
 _MAX_ERROR_BODY = 1_000  # characters of a refused upgrade's body kept in the error
 _INVALID_URL = safe_url("ws://[")  # what safe_url answers for a URL that does not parse
 
@@ -95,6 +99,7 @@ class PicowsConnection(WSListener):
     :param max_message_size: a longer fragmented message closes the connection with
         code 1009 (picows checks single frames against the same limit).
     :param max_pending: reading pauses while this many messages wait.
+    :param receive_buffer: ``SO_RCVBUF`` for the socket once connected, or ``None``.
     """
 
     __slots__ = (
@@ -113,6 +118,7 @@ class PicowsConnection(WSListener):
         "_ping_seq",
         "_pings",
         "_read_paused",
+        "_receive_buffer",
         "_transport",
         "_url",
         "_waiter",
@@ -126,12 +132,14 @@ class PicowsConnection(WSListener):
         close_timeout: float = 5.0,
         max_message_size: int = _MAX_MESSAGE_SIZE,
         max_pending: int = _MAX_PENDING,
+        receive_buffer: int | None = _RECEIVE_BUFFER,
     ) -> None:
         super().__init__()
         self._url = url
         self._close_timeout = close_timeout
         self._max_message_size = max_message_size
         self._max_pending = max_pending
+        self._receive_buffer = receive_buffer
         self._loop = asyncio.get_running_loop()
         self._transport: WSTransport | None = None
         self._batch: list[bytes | str] = []  # complete messages not yet returned
@@ -165,6 +173,14 @@ class PicowsConnection(WSListener):
         self._transport = transport
         if self._abandoned:
             transport.disconnect(False)
+            return
+        if self._receive_buffer is not None:
+            # picows doubles its read buffer whenever a read fills it, and a read
+            # takes all the kernel holds: under a burst both grow to many megabytes
+            # and stay. A bounded socket buffer bounds what one read can bring.
+            sock = transport.underlying_transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -439,6 +455,8 @@ class PicowsTransport:
     :param ssl_context: TLS settings for ``wss://``; default: httpx's, as the default
         transport has them (certifi's CA bundle, ``SSL_CERT_FILE``/``SSL_CERT_DIR``
         when ``trust_env``).
+    :param receive_buffer: the socket's receive buffer in bytes (``SO_RCVBUF``;
+        ``None`` leaves the kernel's autotuning): bounds how much one read brings.
     :param proxy: a proxy URL for every connection, instead of the environment's.
     :param trust_env: read proxy settings from the environment.
     """
@@ -450,6 +468,7 @@ class PicowsTransport:
         close_timeout: float = 5.0,
         max_message_size: int = _MAX_MESSAGE_SIZE,
         max_pending: int = _MAX_PENDING,
+        receive_buffer: int | None = _RECEIVE_BUFFER,
         ssl_context: ssl.SSLContext | None = None,
         proxy: str | None = None,
         trust_env: bool = True,
@@ -458,6 +477,7 @@ class PicowsTransport:
         self._close_timeout = close_timeout
         self._max_message_size = max_message_size
         self._max_pending = max_pending
+        self._receive_buffer = receive_buffer
         self._ssl_context = ssl_context
         self._proxy = proxy
         self._trust_env = trust_env
@@ -507,6 +527,7 @@ class PicowsTransport:
                 close_timeout=self._close_timeout,
                 max_message_size=self._max_message_size,
                 max_pending=self._max_pending,
+                receive_buffer=self._receive_buffer,
             )
             conn._abandoned = attempt.abandoned
             attempt.conn = conn
