@@ -23,33 +23,15 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-from bench_throughput import WORKLOADS, Contender, contenders, start_simulator
+from bench_throughput import WORKLOADS, Contender, child_command, contenders, start_simulator
 
 COLLECTED = re.compile(r"Collected : (\d+)")
 
 
 def instructions(contender: Contender, url: str, workload: str, messages: int) -> int:
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        str(Path(__file__).with_name("bench_throughput.py")),
-        "--child",
-        contender.child,
-        "--url",
-        url,
-        "--workload",
-        workload,
-        "--messages",
-        str(messages),
-        "--style",
-        contender.style,
-    ]
-    if contender.transport:
-        command += ["--transport", contender.transport]
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    command += child_command(contender, url, workload, messages)
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     found = COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:

@@ -334,24 +334,19 @@ class Run:
     sim_busy: float | None  # the simulator's CPU time / the window's wall time
 
 
-def one_run(contender: Contender, url: str, workload: str, messages: int, sim_pid: int) -> Run:
-    name = contender.label
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        contender.child,
-        "--url",
-        url,
-        "--workload",
-        workload,
-        "--messages",
-        str(messages),
-        "--style",
-        contender.style,
-    ]
+def child_command(contender: Contender, url: str, workload: str, messages: int) -> list[str]:
+    """The command line of one child run of ``contender`` (this script with ``--child``)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", contender.child]
+    command += ["--url", url, "--workload", workload, "--messages", str(messages)]
+    command += ["--style", contender.style]
     if contender.transport:
         command += ["--transport", contender.transport]
+    return command
+
+
+def one_run(contender: Contender, url: str, workload: str, messages: int, sim_pid: int) -> Run:
+    name = contender.label
+    command = child_command(contender, url, workload, messages)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     sim_start = sim_end = None
