@@ -73,19 +73,9 @@ from upbus.core.specs import Channel, Spec, ticker, trade
 from upbus.plugins.picows_transport import picows_installed
 from upbus.sim.encode import encode_frame
 from upbus.sim.market import Market
+from upbus.sim.markets import POPULAR
 
-CODES = (
-    "KRW-BTC",
-    "KRW-ETH",
-    "KRW-XRP",
-    "KRW-SOL",
-    "KRW-DOGE",
-    "KRW-ADA",
-    "KRW-TRX",
-    "KRW-LINK",
-    "KRW-AVAX",
-    "KRW-XLM",
-)
+CODES = POPULAR
 DISTINCT = 1000
 STAMP_KEY = b'"timestamp":'
 TARGET_P99_MS = 2.0

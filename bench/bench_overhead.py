@@ -52,19 +52,9 @@ from upbus.core.router import Router, Subscriber
 from upbus.core.specs import Channel, Spec, ticker, trade
 from upbus.sim.encode import encode_frame
 from upbus.sim.market import Market
+from upbus.sim.markets import POPULAR
 
-CODES = (
-    "KRW-BTC",
-    "KRW-ETH",
-    "KRW-XRP",
-    "KRW-SOL",
-    "KRW-DOGE",
-    "KRW-ADA",
-    "KRW-TRX",
-    "KRW-LINK",
-    "KRW-AVAX",
-    "KRW-XLM",
-)
+CODES = POPULAR
 DISTINCT = 2000  # distinct frames per kind, cycled
 SUBSCRIBER_COUNTS = (1, 10, 100)
 TARGET_ONE = 4.0  # µs per message with one subscriber

@@ -58,18 +58,9 @@ from typing import Any, Literal
 
 import orjson
 
-CODES = (
-    "KRW-BTC",
-    "KRW-ETH",
-    "KRW-XRP",
-    "KRW-SOL",
-    "KRW-DOGE",
-    "KRW-ADA",
-    "KRW-TRX",
-    "KRW-LINK",
-    "KRW-AVAX",
-    "KRW-DOT",
-)
+from upbus.sim.markets import POPULAR
+
+CODES = POPULAR
 # workload -> (type, format, the first bytes of every data frame)
 WORKLOADS: dict[str, tuple[str, Literal["DEFAULT", "SIMPLE"], bytes]] = {
     "ticker": ("ticker", "DEFAULT", b'{"type":"ticker"'),

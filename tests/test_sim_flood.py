@@ -22,22 +22,12 @@ from upbus.core.errors import ConfigError
 from upbus.sim import SimConfig, Simulator
 from upbus.sim.cli import build_parser
 from upbus.sim.flood import binary_frame, build_ring
+from upbus.sim.markets import POPULAR
 from upbus.sim.protocol import Subscribe, parse_request
 
 pytestmark = pytest.mark.anyio
 
-CODES = [
-    "KRW-BTC",
-    "KRW-ETH",
-    "KRW-XRP",
-    "KRW-SOL",
-    "KRW-DOGE",
-    "KRW-ADA",
-    "KRW-TRX",
-    "KRW-LINK",
-    "KRW-AVAX",
-    "KRW-DOT",
-]
+CODES = list(POPULAR)
 MAX_FRAMES = 200_000  # bound on every receive loop
 
 

@@ -1,8 +1,8 @@
 """Where the real Upbit sample messages are: the project's shared reference material.
 
 They live beside the repository (``../shared/upbit/samples``); ``UPBUS_SAMPLES``
-names another folder. In CI they must be there: tests that need them fail rather
-than skip.
+names another folder. In CI (see ``required``) they must be there: tests that need
+them fail rather than skip.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from required import REQUIRED
 
 SAMPLES = Path(
     os.environ.get(
@@ -19,7 +20,7 @@ SAMPLES = Path(
     )
 )
 
-if not SAMPLES.is_dir() and os.environ.get("CI"):
+if not SAMPLES.is_dir() and REQUIRED:
     raise RuntimeError(f"Upbit samples not found at {SAMPLES} (set UPBUS_SAMPLES)")
 
 # Outside CI a checkout without the reference material still runs the rest.

@@ -26,7 +26,6 @@ and the file synced and closed by the ``upbus_shutdown`` hook.
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -37,7 +36,7 @@ from pydantic import Field
 from upbus.core.codec import to_default_dict
 from upbus.core.hookspecs import hookimpl
 from upbus.core.specs import PRIVATE_TYPES
-from upbus.plugins.recording import BatchRecorder, Item, RecorderSettings, start_recorder
+from upbus.plugins.recording import BatchRecorder, FileRecorderSettings, Item, RecorderPlugin
 
 if TYPE_CHECKING:
     from upbus.core.bus import Bus
@@ -47,7 +46,7 @@ __all__ = ("JsonlRecorder", "JsonlSettings", "recorder_for")
 NAME = "jsonl"
 
 
-class JsonlSettings(RecorderSettings):
+class JsonlSettings(FileRecorderSettings):
     """The ``plugins.jsonl`` section."""
 
     path: Path = Field(default=Path("upbus.jsonl"), description="The file to append to.")
@@ -102,31 +101,19 @@ class JsonlRecorder(BatchRecorder):
         )
 
 
-_recorders: weakref.WeakKeyDictionary[Bus, JsonlRecorder] = weakref.WeakKeyDictionary()
+_plugin = RecorderPlugin(NAME, JsonlSettings, JsonlRecorder)
 
 
 def recorder_for(bus: Bus) -> JsonlRecorder | None:
     """The recorder this plugin runs for ``bus``, while it runs."""
-    return _recorders.get(bus)
+    return _plugin.recorder_for(bus)
 
 
-# Made at startup rather than through upbus_components, as in the SQLite store: the
-# shutdown hook must close the recorder of the bus that is stopping.
 @hookimpl
 def upbus_startup(bus: Bus) -> Awaitable[None] | None:
-    config = bus.settings.plugin_section(NAME, JsonlSettings)
-    if not config.enabled:
-        return None
-    recorder = JsonlRecorder(
-        config.path,
-        batch_size=config.batch_size,
-        flush_interval=config.flush_interval,
-        max_pending=config.max_pending,
-    )
-    return start_recorder(bus, recorder, config.specs, _recorders)
+    return _plugin.startup(bus)
 
 
 @hookimpl
 def upbus_shutdown(bus: Bus) -> Awaitable[None] | None:
-    recorder = _recorders.pop(bus, None)
-    return None if recorder is None else recorder.aclose()
+    return _plugin.shutdown(bus)

@@ -17,9 +17,10 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Protocol, TypeVar
 
 import anyio
 import orjson
@@ -34,11 +35,12 @@ if TYPE_CHECKING:
 
 __all__ = (
     "BatchRecorder",
+    "FileRecorderSettings",
     "Item",
+    "RecorderPlugin",
     "RecorderSettings",
     "Sink",
     "SpecList",
-    "start_recorder",
 )
 
 log = logging.getLogger("upbus.plugins.recording")
@@ -93,6 +95,12 @@ class RecorderSettings(BaseModel):
         ge=1,
         description="Accepted but unwritten messages before the bus is held back.",
     )
+
+
+class FileRecorderSettings(RecorderSettings):
+    """A recording plugin's section whose recorder writes one file."""
+
+    path: Path
 
 
 # -- the component and its writer thread -------------------------------------------------
@@ -325,18 +333,52 @@ class BatchRecorder:
             self.batches += 1
 
 
-async def start_recorder(
-    bus: Bus,
-    recorder: BatchRecorder,
-    specs: SpecList,
-    running: weakref.WeakKeyDictionary[Bus, Any],
-) -> None:
-    """Start ``recorder``, register it with ``bus`` and note it in ``running``."""
-    await recorder.start()
-    try:
-        await bus.register_component(recorder, specs)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await recorder.aclose()
-        raise
-    running[bus] = recorder
+R = TypeVar("R", bound=BatchRecorder)
+
+
+class RecorderPlugin(Generic[R]):
+    """The startup and shutdown hooks of a recording plugin, and its recorder per bus.
+
+    The recorder is made and registered at startup, not through upbus_components:
+    that hook is not told which bus it serves, and the shutdown hook must close the
+    recorder of the bus that is stopping. ``make`` builds the recorder from the path
+    and the batching settings of the plugin's section.
+    """
+
+    def __init__(
+        self, name: str, settings: type[FileRecorderSettings], make: Callable[..., R]
+    ) -> None:
+        self._name = name
+        self._settings = settings
+        self._make = make
+        self._running: weakref.WeakKeyDictionary[Bus, R] = weakref.WeakKeyDictionary()
+
+    def recorder_for(self, bus: Bus) -> R | None:
+        """The recorder this plugin runs for ``bus``, while it runs."""
+        return self._running.get(bus)
+
+    def startup(self, bus: Bus) -> Awaitable[None] | None:
+        config = bus.settings.plugin_section(self._name, self._settings)
+        if not config.enabled:
+            return None
+        recorder = self._make(
+            config.path,
+            batch_size=config.batch_size,
+            flush_interval=config.flush_interval,
+            max_pending=config.max_pending,
+        )
+        return self._start(bus, recorder, config.specs)
+
+    def shutdown(self, bus: Bus) -> Awaitable[None] | None:
+        recorder = self._running.pop(bus, None)
+        return None if recorder is None else recorder.aclose()
+
+    async def _start(self, bus: Bus, recorder: R, specs: SpecList) -> None:
+        await recorder.start()
+        try:
+            await bus.register_component(recorder, specs)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await recorder.aclose()
+            raise
+        self._running[bus] = recorder

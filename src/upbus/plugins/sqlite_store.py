@@ -33,7 +33,6 @@ from __future__ import annotations
 import heapq
 import logging
 import sqlite3
-import weakref
 from collections.abc import Awaitable, Generator, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
@@ -56,7 +55,7 @@ from upbus.core.messages import (
     Ticker,
     Trade,
 )
-from upbus.plugins.recording import BatchRecorder, Item, RecorderSettings, start_recorder
+from upbus.plugins.recording import BatchRecorder, FileRecorderSettings, Item, RecorderPlugin
 
 if TYPE_CHECKING:
     from upbus.core.bus import Bus
@@ -77,7 +76,7 @@ NAME = "sqlite"
 BUSY_TIMEOUT = 5.0
 
 
-class SqliteSettings(RecorderSettings):
+class SqliteSettings(FileRecorderSettings):
     """The ``plugins.sqlite`` section."""
 
     path: Path = Field(default=Path("upbus.db"), description="The database file.")
@@ -356,31 +355,19 @@ def _table_frames(db: sqlite3.Connection, table: _Table) -> Iterator[tuple[int, 
 
 # -- the plugin --------------------------------------------------------------------------
 
-_stores: weakref.WeakKeyDictionary[Bus, SqliteStore] = weakref.WeakKeyDictionary()
+_plugin = RecorderPlugin(NAME, SqliteSettings, SqliteStore)
 
 
 def store_for(bus: Bus) -> SqliteStore | None:
     """The store this plugin runs for ``bus``, while it runs."""
-    return _stores.get(bus)
+    return _plugin.recorder_for(bus)
 
 
-# The components hook is not told which bus it serves, and the shutdown hook must
-# close this bus's own store; so the store is made and registered at startup.
 @hookimpl
 def upbus_startup(bus: Bus) -> Awaitable[None] | None:
-    config = bus.settings.plugin_section(NAME, SqliteSettings)
-    if not config.enabled:
-        return None
-    store = SqliteStore(
-        config.path,
-        batch_size=config.batch_size,
-        flush_interval=config.flush_interval,
-        max_pending=config.max_pending,
-    )
-    return start_recorder(bus, store, config.specs, _stores)
+    return _plugin.startup(bus)
 
 
 @hookimpl
 def upbus_shutdown(bus: Bus) -> Awaitable[None] | None:
-    store = _stores.pop(bus, None)
-    return None if store is None else store.aclose()
+    return _plugin.shutdown(bus)

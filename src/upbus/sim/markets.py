@@ -125,3 +125,17 @@ def _build() -> dict[str, MarketInfo]:
 
 
 MARKETS: dict[str, MarketInfo] = _build()
+
+#: Ten busy KRW markets: the set examples, tests and benchmarks subscribe to.
+POPULAR: tuple[str, ...] = (
+    "KRW-BTC",
+    "KRW-ETH",
+    "KRW-XRP",
+    "KRW-SOL",
+    "KRW-DOGE",
+    "KRW-ADA",
+    "KRW-TRX",
+    "KRW-LINK",
+    "KRW-AVAX",
+    "KRW-DOT",
+)
