@@ -12,8 +12,8 @@ alternating after a warm-up:
 * ``decode``: :class:`FrameDecoder` only;
 * ``upbus S=n``: ``FrameDecoder.decode`` → ``Router.deliver`` (route, narrow, buffer
   into ``n`` :class:`Subscriber` objects, all subscribed to the same keys) → each
-  subscriber's ``take()`` until empty, as the bus's delivery task does. One
-  ``deliver`` call per ``--batch`` frames (one socket read).
+  subscriber's ``take()`` until empty, as the delivery task of an ``async def
+  on_message`` does. One ``deliver`` call per ``--batch`` frames (one socket read).
 
 Then the full :class:`Bus` in-process: a fake transport hands the same frames to the
 bus's real receive loop (``--bus-batch`` frames per read, one event-loop turn per
@@ -112,7 +112,7 @@ def make_router(count: int, policy: Any = "conflate") -> tuple[Router, list[Subs
 
 
 def time_pipeline(frames: list[bytes], subscribers_count: int, batch: int, policy: Any) -> float:
-    """decode → deliver → take, the way the receive loop and the delivery tasks do."""
+    """decode → deliver → take, item by item, as an async handler is fed."""
     router, subscribers = make_router(subscribers_count, policy)
     # Every frame here is a data message, so the decoder's results are all Messages.
     decode = cast(Callable[[bytes], list[Message]], FrameDecoder().decode)
