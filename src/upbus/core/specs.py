@@ -14,6 +14,7 @@ merge counts.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ _FLAG_NAMES: Final = {
     "isOnlyRealtime": "only_realtime",
 }
 _SPEC_KEYS: Final = frozenset({"type", "codes", "level", *_FLAG_NAMES})
+# Levels are prices; an integer beyond this is no price, and the wire's JSON
+# encoder cannot carry integers past 64 bits at all.
+_MAX_INT_LEVEL: Final = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,8 @@ class Spec:
         if isinstance(self.codes, list):
             object.__setattr__(self, "codes", tuple(self.codes))
         _validate(self)
+        if not self.level:
+            object.__setattr__(self, "level", 0)  # -0.0 and 0.0 mean the default, 0
 
     @property
     def channel(self) -> Channel:
@@ -164,27 +170,44 @@ def _validate(spec: Spec) -> None:
             raise SpecError("codes", "myAsset takes no codes (it always covers the whole account)")
     elif kind != "myOrder" and not spec.codes:
         raise SpecError("codes", f"{kind} needs at least one market code")
+    for flag in ("only_snapshot", "only_realtime"):
+        value = getattr(spec, flag)
+        if not isinstance(value, bool):
+            raise SpecError(flag, f"must be True or False, got {value!r}")
     if spec.only_snapshot and spec.only_realtime:
         raise SpecError("only_realtime", "cannot be combined with only_snapshot")
     if kind in PRIVATE_TYPES and spec.only_snapshot:
         raise SpecError("only_snapshot", f"{kind} is a realtime-only stream")
+    # The level is checked before anything that reads its truth value: NaN is truthy
+    # and would otherwise pass as "some level" and go out as JSON null.
+    _check_level(spec.level)
     if kind != "orderbook":
         if spec.depth is not None:
             raise SpecError("depth", f"applies to orderbook only, not {kind}")
         if spec.level:
             raise SpecError("level", f"applies to orderbook only, not {kind}")
         return
-    if spec.depth is not None and spec.depth not in ORDERBOOK_DEPTHS:
-        raise SpecError("depth", f"{spec.depth!r} is not supported (one of 1, 5, 15, 30)")
-    level = spec.level
-    if isinstance(level, bool) or not isinstance(level, int | float) or level < 0:
-        raise SpecError("level", f"must be a number >= 0, got {level!r}")
-    if level:
+    depth = spec.depth
+    if depth is not None and (
+        isinstance(depth, bool) or not isinstance(depth, int) or depth not in ORDERBOOK_DEPTHS
+    ):
+        raise SpecError("depth", f"{depth!r} is not supported (one of 1, 5, 15, 30)")
+    if spec.level:
         for index, code in enumerate(spec.codes):
             if not code.startswith("KRW-"):
                 raise SpecError(
                     f"codes[{index}]", f"level applies to KRW markets only, not {code!r}"
                 )
+
+
+def _check_level(level: object) -> None:
+    """Refuse a level the wire cannot carry: not a number, NaN, infinite, negative, huge."""
+    if isinstance(level, bool) or not isinstance(level, int | float):
+        raise SpecError("level", f"must be a number >= 0, got {level!r}")
+    if (isinstance(level, float) and not math.isfinite(level)) or level < 0:
+        raise SpecError("level", f"{level!r} is not a finite number >= 0")
+    if isinstance(level, int) and level > _MAX_INT_LEVEL:
+        raise SpecError("level", f"{level!r} is too large (at most 2**53)")
 
 
 def _type_order(kind: str) -> tuple[int, str]:
@@ -248,7 +271,7 @@ def my_asset() -> Spec:
 
 
 def _from_mapping(obj: Mapping[str, Any], where: str) -> list[Spec]:
-    unknown = sorted(set(obj) - _SPEC_KEYS)
+    unknown = sorted(str(key) for key in set(obj) - _SPEC_KEYS)
     if unknown:
         raise SpecError(f"{where}.{unknown[0]}", "is not a subscription field")
     if "type" not in obj:
