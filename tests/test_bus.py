@@ -64,7 +64,7 @@ def test_conflate_keeps_the_newest_per_key_and_events_keep_their_place() -> None
         "gap",
         3,
     ]
-    assert subscriber.dropped == 1
+    assert (subscriber.conflated, subscriber.dropped) == (1, 0)  # replaced, not lost
     assert subscriber.take() is None
 
 
@@ -72,8 +72,11 @@ def test_drop_oldest_keeps_the_newest_capacity_items() -> None:
     subscriber = Subscriber("s", 3, "drop_oldest")
     for price in range(10):
         subscriber.put(ticker("KRW-BTC", price))
+    # The loss comes first, in the stream, counted per key.
+    assert subscriber.take() == upbus.Dropped(7, (("ticker", "KRW-BTC", 7),))
     assert [subscriber.take().trade_price for _ in range(3)] == [7, 8, 9]  # type: ignore[union-attr]
     assert subscriber.dropped == 7
+    assert subscriber.take() is None
 
 
 @pytest.mark.anyio
@@ -181,7 +184,7 @@ async def test_a_slow_subscriber_never_slows_a_fast_one(sim: Simulator) -> None:
     async with Bus(settings_for(sim)) as bus:
         fast, slow, lossy = Counter(), Counter(delay=0.05), Counter(delay=0.05)
         await bus.register_component(fast, specs, overflow="drop_oldest", capacity=10_000)
-        await bus.register_component(slow, specs)  # conflate
+        await bus.register_component(slow, specs)  # auto: tickers conflate
         await bus.register_component(lossy, specs, overflow="drop_oldest", capacity=4)
         with anyio.fail_after(10):
             while bus.get_connection_metrics()["public"]["messages_in"] < 300:
@@ -189,16 +192,16 @@ async def test_a_slow_subscriber_never_slows_a_fast_one(sim: Simulator) -> None:
                 fast.seen = anyio.Event()
         await anyio.wait_all_tasks_blocked()
         received = bus.get_connection_metrics()["public"]["messages_in"]
-        dropped = {
-            (s["policy"], s["capacity"]): s["dropped"]
+        lost = {
+            (s["policy"], s["capacity"]): s["dropped"] + s["conflated"]
             for s in bus.get_subscription_stats()["subscribers"]
         }
     assert fast.count == received  # every message, at full rate
-    assert dropped[("drop_oldest", 10_000)] == 0
+    assert lost[("drop_oldest", 10_000)] == 0
     assert slow.count < received / 2
-    assert dropped[("conflate", 1024)] > 0
+    assert lost[("auto", 4096)] > 0
     assert lossy.count < received / 2
-    assert dropped[("drop_oldest", 4)] > 0
+    assert lost[("drop_oldest", 4)] > 0
 
 
 @pytest.mark.anyio
@@ -332,6 +335,7 @@ def test_a_buffer_can_change_policy_and_keep_what_it_holds() -> None:
     subscriber.configure(2, "drop_oldest")
     subscriber.put(ticker("KRW-BTC", 2))  # no longer conflated
     subscriber.put(ticker("KRW-BTC", 3))  # over the new bound: the oldest goes
+    assert isinstance(subscriber.take(), upbus.Dropped)
     assert [subscriber.take().trade_price for _ in range(2)] == [2, 3]  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="overflow must be one of"):
         subscriber.configure(2, "bogus")  # type: ignore[arg-type]
@@ -368,8 +372,8 @@ async def test_a_callback_component_has_a_delivery_task_only_while_it_has_work(
         counter = Counter()
         await bus.register_component(counter, upbus.ticker(code), overflow="drop_oldest")
         await anyio.wait_all_tasks_blocked()
-        bus._dismiss_idle()  # the sweep, twice: the connected event's task ends
-        bus._dismiss_idle()
+        bus._delivery.dismiss_idle()  # the sweep, twice: the connected event's task ends
+        bus._delivery.dismiss_idle()
         await anyio.wait_all_tasks_blocked()
         assert bus.get_subscription_stats()["delivery_tasks"] == 0
         for round_ in range(3):
@@ -377,8 +381,8 @@ async def test_a_callback_component_has_a_delivery_task_only_while_it_has_work(
             assert bus.get_subscription_stats()["delivery_tasks"] == 1
             await anyio.wait_all_tasks_blocked()
             assert counter.count == round_ + 1
-            bus._dismiss_idle()
-            bus._dismiss_idle()
+            bus._delivery.dismiss_idle()
+            bus._delivery.dismiss_idle()
             await anyio.wait_all_tasks_blocked()
             assert bus.get_subscription_stats()["delivery_tasks"] == 0
 
@@ -416,7 +420,7 @@ def test_take_all_hands_over_everything_in_order_with_conflated_keys_resolved() 
     items = subscriber.take_all()
     assert [getattr(item, "trade_price", item) for item in items] == [2, 10, gap, 3]
     assert subscriber.take_all() == []
-    assert (subscriber.delivered, subscriber.dropped) == (4, 1)
+    assert (subscriber.delivered, subscriber.conflated) == (4, 1)
     subscriber.put(ticker("KRW-BTC", 4))  # the index was emptied with the buffer
     assert subscriber.take_all() == [ticker("KRW-BTC", 4)]
 

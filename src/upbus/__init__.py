@@ -19,6 +19,7 @@ from upbus.core.batcher import PendingTaskBatcher
 from upbus.core.blocking import BlockingBus
 from upbus.core.bus import Bus
 from upbus.core.errors import (
+    BusNotRunning,
     ComponentError,
     ConfigError,
     LimiterWaitExpired,
@@ -27,10 +28,11 @@ from upbus.core.errors import (
     SpecError,
     UpbusError,
 )
+from upbus.core.events import BusEvent, ConnectionEvent, Dropped, Rejected
 from upbus.core.hookspecs import hookimpl
 from upbus.core.plugin_manager import PluginManager
 from upbus.core.ratelimit import RollingWindowLimiter
-from upbus.core.router import ConnectionEvent, Subscriber
+from upbus.core.router import Subscriber
 from upbus.core.specs import (
     Channel,
     Spec,
@@ -50,17 +52,21 @@ from upbus.settings import Settings, load_settings
 __all__ = (
     "BlockingBus",
     "Bus",
+    "BusEvent",
+    "BusNotRunning",
     "Channel",
     "ComponentError",
     "ConfigError",
     "ConnectFailed",
     "ConnectionEvent",
+    "Dropped",
     "LimiterWaitExpired",
     "MergedState",
     "PendingTaskBatcher",
     "PluginError",
     "PluginLoadError",
     "PluginManager",
+    "Rejected",
     "RollingWindowLimiter",
     "Settings",
     "Spec",

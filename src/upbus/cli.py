@@ -22,9 +22,10 @@ import upbus
 from upbus.core.bus import Bus
 from upbus.core.codec import to_default_dict
 from upbus.core.errors import UpbusError
+from upbus.core.events import BusEvent, ConnectionEvent
 from upbus.core.messages import Message, Orderbook, Ticker, Trade
 from upbus.core.plugin_manager import PluginManager
-from upbus.core.router import ConnectionEvent, Subscriber
+from upbus.core.router import Subscriber
 from upbus.core.specs import CANDLE_UNITS, Spec, parse_specs
 from upbus.settings import Settings, explain_settings, load_settings
 
@@ -445,10 +446,13 @@ class _Printer:
         async for item in subscriber:
             self.show(item)
 
-    def show(self, item: Message | ConnectionEvent) -> bool:
+    def show(self, item: Message | BusEvent) -> bool:
         """Print ``item``; return whether the count is reached."""
         if isinstance(item, ConnectionEvent):
             click.echo(f"-- {item.channel} {item.state}: {item.detail}", err=True)
+            return False
+        if isinstance(item, BusEvent):
+            click.echo(f"-- {item}", err=True)
             return False
         if self.fmt == "json":
             click.echo(orjson.dumps(to_default_dict(item)).decode())

@@ -11,7 +11,6 @@ exposes the seed's debug entry points::
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import weakref
 from collections import deque
@@ -26,10 +25,19 @@ from opentelemetry.trace import TracerProvider
 
 from upbus.core.auth import bearer_headers
 from upbus.core.batcher import Batcher
-from upbus.core.errors import ComponentError, ConfigError, UpbusError
+from upbus.core.delivery import Delivery
+from upbus.core.errors import BusNotRunning, ComponentError, ConfigError, UpbusError
+from upbus.core.events import ConnectionEvent
 from upbus.core.plugin_manager import PluginManager
 from upbus.core.ratelimit import RollingWindowLimiter
-from upbus.core.router import ConnectionEvent, Overflow, Router, Subscriber
+from upbus.core.router import (
+    DEFAULT_CAPACITY,
+    DEFAULT_OVERFLOW,
+    Overflow,
+    Router,
+    Subscriber,
+    check_overflow,
+)
 from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel, Spec, parse_specs
 from upbus.core.state import StateChange
 from upbus.core.subscriptions import SpecsArg, SubscriptionManager
@@ -44,10 +52,9 @@ log = logging.getLogger("upbus.bus")
 
 _CHANNEL_TYPES = {Channel.PUBLIC: PUBLIC_TYPES, Channel.PRIVATE: PRIVATE_TYPES}
 # Dead components are noticed at every operation; this sweep is the safety net
-# for a bus nobody touches after a component goes away.
+# for a bus nobody touches after a component goes away. It also ends idle
+# delivery tasks and writes the rate-limited reports of trouble.
 SWEEP_INTERVAL = 1.0
-# At shutdown, components get this long to take what their buffers hold.
-SHUTDOWN_DRAIN = 10.0
 
 
 class Bus(AsyncContextManagerMixin):
@@ -84,19 +91,23 @@ class Bus(AsyncContextManagerMixin):
         self._keys: dict[int, int] = {}
         self._dead: deque[weakref.ref[Any]] = deque()
         self._on_death = self._dead.append  # one bound method shared by every weakref
-        # Subscribers whose delivery task runs -> their delivered count at the last sweep
-        self._driven: dict[Subscriber, int] = {}
+        self._delivery = Delivery(self.settings.shutdown_drain)
+        # "new", then "running", then "closed": a bus runs once.
+        self._phase = "new"
         self._connect_limiters: dict[str, RollingWindowLimiter] = {}
         self._managers: dict[Channel, WebSocketManager] = {}
         self._batchers: dict[Channel, Batcher] = {}
         self._task_group: TaskGroup | None = None
-        self._delivery: TaskGroup | None = None
         self._plugin_components: list[object] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        if self._phase != "new":
+            # Its listeners, batchers and buffers belong to the first run.
+            raise BusNotRunning(f"this Bus has {self._phase}: a Bus runs once, make a new one")
+        self._phase = "running"
         # Made before any task group, so a configuration error is a plain exception.
         transports = {ch: self.plugins.make_transport(ch, self.settings) for ch in Channel}
         # An error in the body of `async with Bus()` reaches the caller as itself,
@@ -108,7 +119,7 @@ class Bus(AsyncContextManagerMixin):
                 tg.start_soon(self._sweep, name="upbus garbage sweep")
                 try:
                     async with anyio.create_task_group() as delivery:
-                        self._delivery = delivery
+                        self._delivery.open(delivery)
                         try:
                             async with anyio.create_task_group() as connections:
                                 for channel, transport in transports.items():
@@ -125,10 +136,8 @@ class Bus(AsyncContextManagerMixin):
                             # Step 2 (on every exit, cancellation included): let every
                             # component take what its buffer holds, lossless buffers
                             # included, bounded so a stuck component cannot hang exit.
-                            for subscriber in self._subscribers.values():
-                                subscriber.close()
-                            delivery.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_DRAIN
-                            delivery.cancel_scope.shield = True
+                            self._phase = "closed"
+                            self._delivery.stop(self._subscribers.values())
                 finally:
                     # Step 3: plugins flush what they accepted (storage); then the rest stops.
                     with anyio.CancelScope(shield=True):
@@ -136,8 +145,9 @@ class Bus(AsyncContextManagerMixin):
                             await awaitable
                     tg.cancel_scope.cancel()
         finally:
+            self._phase = "closed"
             self._task_group = None
-            self._delivery = None
+            self._delivery.closed()
             for transport in transports.values():
                 with anyio.move_on_after(5, shield=True):
                     await transport.aclose()
@@ -233,18 +243,9 @@ class Bus(AsyncContextManagerMixin):
         while True:
             await anyio.sleep(SWEEP_INTERVAL)
             self._collect()
-            self._dismiss_idle()
-
-    def _dismiss_idle(self) -> None:
-        # A delivery task that delivered nothing since the last sweep ends; the next
-        # message starts a new one. Idle components then cost no task at all.
-        driven = self._driven
-        for subscriber, seen in list(driven.items()):
-            if subscriber.delivered == seen and subscriber.waiting:
-                del driven[subscriber]
-                subscriber.wake()
-            else:
-                driven[subscriber] = subscriber.delivered
+            # Idle components then cost no task at all.
+            self._delivery.dismiss_idle()
+            self._delivery.report(self._subscribers.values())
 
     def _collect(self) -> None:
         self.subscriptions.collect_garbage()
@@ -269,24 +270,55 @@ class Bus(AsyncContextManagerMixin):
     ) -> Subscriber:
         """Subscribe ``component`` to ``specs`` (replacing what it had) and return its buffer.
 
-        If the component has ``async def on_message(self, message)``, the bus calls
-        it for every message (and ``on_connection_state(event)`` for connection
-        events, if defined). Otherwise iterate the returned :class:`Subscriber`:
-        ``async for item in subscriber``. ``overflow`` is ``"conflate"`` (the
-        newest per (type, code)), ``"drop_oldest"`` or ``"block"`` (lossless, with
-        backpressure); ``capacity`` bounds the buffer. A component can declare its
-        own defaults as attributes ``upbus_overflow`` and ``upbus_capacity`` (a
-        recorder wants ``"block"``); the defaults are ``"conflate"`` and 1024.
+        If the component has ``on_message(message)``, the bus calls it for every
+        message: an ``async def`` one on the event loop, one message at a time; a
+        plain ``def`` one in a thread of the component's own, with everything
+        buffered at each wakeup, so that a handler that blocks delays only its own
+        component. Events (:class:`BusEvent`) go to ``on_event(event)`` if defined,
+        else connection events go to ``on_connection_state(event)``. Otherwise
+        iterate the returned :class:`Subscriber`: ``async for item in subscriber``
+        (events come in the same stream, in order with the data).
+
+        ``overflow`` says what happens when the component falls behind, and
+        ``capacity`` bounds its buffer (default 4096):
+
+        - ``"auto"`` (the default) decides by type: ``ticker``, ``orderbook`` and
+          ``candle.*`` conflate (the newest message per (type, code) wins);
+          ``trade`` is never conflated: past ``capacity`` the oldest trades are
+          dropped and a :class:`Dropped` event in the stream says how many of
+          which keys; ``myOrder`` and ``myAsset`` are never dropped.
+        - ``"conflate"``: the newest message per (type, code), for every type.
+        - ``"drop_oldest"``: the newest ``capacity`` items, losses reported with
+          :class:`Dropped` events.
+        - ``"block"``: lossless, with backpressure on the channel (recorders).
+
+        Every loss also gives one WARNING per component per 10 s. A component can
+        declare its own defaults as attributes ``upbus_overflow`` and
+        ``upbus_capacity``. Bad specs or options raise before anything changes.
         """
         policy: Overflow = (
-            overflow if overflow is not None else getattr(component, "upbus_overflow", "conflate")
+            overflow
+            if overflow is not None
+            else getattr(component, "upbus_overflow", DEFAULT_OVERFLOW)
         )
-        size: int = capacity if capacity is not None else getattr(component, "upbus_capacity", 1024)
+        size: int = (
+            capacity
+            if capacity is not None
+            else getattr(component, "upbus_capacity", DEFAULT_CAPACITY)
+        )
+        check_overflow(size, policy)
         parsed = parse_specs(specs)
         self._check_private(parsed)
         callback = callable(getattr(component, "on_message", None))
-        if callback and self._delivery is None:
-            raise RuntimeError("the bus is not running: use it as `async with Bus() as bus:`")
+        if self._phase == "closed":
+            raise BusNotRunning(
+                f"the bus has stopped: {type(component).__name__} was not registered"
+            )
+        if callback and self._phase == "new":
+            raise BusNotRunning(
+                "the bus is not running: use it as `async with Bus() as bus:` "
+                "before registering a component with on_message"
+            )
         self._collect()
         key = id(component)
         subscriber = self._subscribers.get(key)
@@ -310,8 +342,8 @@ class Bus(AsyncContextManagerMixin):
             self._subscribers[key] = subscriber
             self._keys[id(ref)] = key
             if callback:
-                # Its delivery task starts with the first message (see _start_delivery).
-                subscriber.starter = self._start_delivery
+                # Its delivery task starts with the first message.
+                subscriber.starter = self._delivery.start
         else:
             self.subscriptions.register_component(component, parsed)
             if overflow is not None or capacity is not None:
@@ -331,6 +363,7 @@ class Bus(AsyncContextManagerMixin):
         del self._subscribers[key]
         self._keys.pop(id(subscriber.owner), None)
         self.router.remove(subscriber)
+        self._delivery.forget(subscriber)
         subscriber.close()
 
     def _check_private(self, specs: list[Spec]) -> None:
@@ -341,54 +374,6 @@ class Bus(AsyncContextManagerMixin):
                 "(UPBUS_ACCESS_KEY and UPBUS_SECRET_KEY)"
             )
 
-    def _start_delivery(self, subscriber: Subscriber) -> None:
-        if self._delivery is None:
-            return  # stopped: nothing more is delivered
-        self._driven[subscriber] = subscriber.delivered
-        self._delivery.start_soon(self._drive, subscriber, name=f"upbus deliver {subscriber.label}")
-
-    async def _drive(self, subscriber: Subscriber) -> None:
-        """Call the component's handlers for what its buffer holds, until it goes idle."""
-        try:
-            while True:
-                component = _owner(subscriber)
-                if component is None:
-                    return
-                on_message = component.on_message
-                on_state = getattr(component, "on_connection_state", None)
-                del component  # held only while there is work, not while parked
-                coroutine = inspect.iscoroutinefunction(on_message)
-                while items := _next_items(subscriber, coroutine):
-                    for item in items:
-                        try:
-                            if type(item) is ConnectionEvent:
-                                if on_state is not None:
-                                    await _maybe_await(on_state(item))
-                            elif coroutine:
-                                await on_message(item)
-                            else:
-                                result = on_message(item)
-                                if result is not None:
-                                    await _maybe_await(result)
-                        except Exception:
-                            subscriber.failures += 1
-                            log.exception(
-                                "component %s failed handling %s", subscriber.label, item.type
-                            )
-                del on_message, on_state
-                if subscriber.closed:
-                    return
-                await subscriber.wait()
-                if subscriber not in self._driven:
-                    # Dismissed by the sweep while idle; end unless work came meanwhile.
-                    if not len(subscriber):
-                        return
-                    self._driven[subscriber] = subscriber.delivered
-        finally:
-            self._driven.pop(subscriber, None)
-            if not subscriber.closed:
-                subscriber.starter = self._start_delivery
-
     # -- debug entry points ---------------------------------------------------------------
 
     def get_subscription_stats(self) -> dict[str, Any]:
@@ -396,7 +381,7 @@ class Bus(AsyncContextManagerMixin):
         stats = self.subscriptions.get_subscription_stats()
         stats["subscribers"] = [subscriber.stats() for subscriber in self._subscribers.values()]
         # Delivery tasks run only for components with work lately (ended when idle).
-        stats["delivery_tasks"] = len(self._driven)
+        stats["delivery_tasks"] = self._delivery.tasks
         stats["router"] = self.router.stats()
         return stats
 
@@ -421,16 +406,6 @@ class Bus(AsyncContextManagerMixin):
         return {ch.value: batcher.status() for ch, batcher in self._batchers.items()}
 
 
-def _next_items(subscriber: Subscriber, one_at_a_time: bool) -> list[Any]:
-    # A plain handler runs without awaiting, so nothing can arrive while it works
-    # through a list: taking everything at once changes nothing it would see. An
-    # async one may wait, and then should get the newest of a conflated key.
-    if one_at_a_time:
-        item = subscriber.take()
-        return [] if item is None else [item]
-    return subscriber.take_all()
-
-
 def _owner(subscriber: Subscriber) -> Any:
     owner = subscriber.owner
     return None if owner is None else owner()
@@ -438,8 +413,3 @@ def _owner(subscriber: Subscriber) -> Any:
 
 def _no_headers() -> Mapping[str, str]:
     return {}
-
-
-async def _maybe_await(result: object) -> None:
-    if inspect.isawaitable(result):
-        await result

@@ -7,6 +7,7 @@ when it is raised. Messages name what was wrong, never a secret.
 from __future__ import annotations
 
 __all__ = (
+    "BusNotRunning",
     "ComponentError",
     "ConfigError",
     "FrameDecodeError",
@@ -32,6 +33,10 @@ class SpecError(UpbusError, ValueError):
 
 class ComponentError(UpbusError, TypeError):
     """An object cannot be used as a component (it is not weak-referenceable)."""
+
+
+class BusNotRunning(UpbusError, RuntimeError):
+    """The bus is not running: not started yet (``async with Bus() as bus:``), or stopped."""
 
 
 class ConfigError(UpbusError, ValueError):

@@ -16,43 +16,38 @@ import math
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
 from types import MethodType
 from typing import Any, Literal, cast
 
 import anyio
 import msgspec
 
+from upbus.core.events import BusEvent, ConnectionEvent, Dropped
 from upbus.core.messages import Message, MyAsset, MyOrder, Orderbook
-from upbus.core.specs import Mode, Wish
+from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Mode, Wish
 
-__all__ = ("ConnectionEvent", "Overflow", "Router", "Subscriber")
+__all__ = ("BusEvent", "ConnectionEvent", "Dropped", "Overflow", "Router", "Subscriber")
 
 log = logging.getLogger("upbus.bus")
 
-Overflow = Literal["conflate", "drop_oldest", "block"]
-OVERFLOW_POLICIES: tuple[Overflow, ...] = ("conflate", "drop_oldest", "block")
+Overflow = Literal["auto", "conflate", "drop_oldest", "block"]
+OVERFLOW_POLICIES: tuple[Overflow, ...] = ("auto", "conflate", "drop_oldest", "block")
+DEFAULT_OVERFLOW: Overflow = "auto"
+DEFAULT_CAPACITY = 4096
+
+# What the default policy ("auto") does with each type: the newest state wins for
+# state streams; every trade counts, so a full buffer drops the oldest and says so;
+# an order or asset event is money, so it is never dropped.
+STATE_TYPES: frozenset[str] = PUBLIC_TYPES - {"trade"}
+_ALL_TYPES = PUBLIC_TYPES | PRIVATE_TYPES
+_CONFLATE, _DROP, _KEEP = "conflate", "drop", "keep"
 
 _Key = tuple[str, str | None]
 # Their wishes may cover the whole account (no code): see Router._deliver_account.
 _ACCOUNT_CLASSES = frozenset({MyOrder, MyAsset})
 
-
-@dataclass(frozen=True, slots=True)
-class ConnectionEvent:
-    """A connection changed state: ``connected``, ``gap`` or ``reconnected``.
-
-    It reaches every subscriber of the channel in order with the data: messages
-    received after a gap come after the ``gap`` and ``reconnected`` events.
-    """
-
-    channel: str
-    state: str
-    detail: str
-    type: str = "connection"
-
-
-Item = Message | ConnectionEvent
+Item = Message | BusEvent
+"""What a component's stream carries: exchange messages and the bus's events."""
 
 
 def _release(waiter: asyncio.Future[None] | anyio.Event) -> None:
@@ -73,25 +68,36 @@ def _in_asyncio_task() -> bool:
 class Subscriber:
     """One component's bounded buffer and its overflow policy.
 
-    ``conflate`` keeps only the newest message per (type, code) that the consumer
-    has not taken yet (right for charts and book views; wrong for trades, where
-    every message counts); ``drop_oldest`` keeps the newest ``capacity`` messages;
-    ``block`` loses nothing: when its buffer is full the channel's receive loop
-    waits for room after the current socket read (backpressure), which delays
-    every subscriber of that channel, so use it only for consumers that keep up
-    on average (recorders, storage). Heartbeats keep running meanwhile.
+    The policy says what happens when the component falls behind:
+
+    - ``auto`` (the default) decides by type: ``ticker``, ``orderbook`` and
+      ``candle.*`` are state streams and conflate (the newest message per
+      (type, code) wins); ``trade`` is never conflated: past ``capacity`` the
+      oldest trade is dropped and a :class:`~upbus.Dropped` event says so;
+      ``myOrder`` and ``myAsset`` are never dropped (an order event is money), and
+      a backlog past ``capacity`` is counted in ``overflowed`` and logged.
+    - ``conflate``: the newest message per (type, code) for every type.
+    - ``drop_oldest``: keep the newest ``capacity`` items; each loss is reported
+      with a :class:`~upbus.Dropped` event before the next item taken.
+    - ``block``: lose nothing; when the buffer is full the channel's receive loop
+      waits for room after the current socket read (backpressure), which delays
+      every subscriber of that channel: only for consumers that keep up on average
+      (recorders, storage). Heartbeats keep running meanwhile.
     """
 
     # Slots, and a buffer made on the first message: an idle subscriber is small.
     __slots__ = (
         "__weakref__",
         "_buffer",
-        "_conflating",
+        "_drop_kinds",
         "_index",
+        "_lost",
         "_room",
+        "_unreported",
         "_waiter",
         "capacity",
         "closed",
+        "conflated",
         "delivered",
         "dropped",
         "failures",
@@ -104,18 +110,24 @@ class Subscriber:
     )
 
     def __init__(self, label: str, capacity: int, policy: Overflow) -> None:
-        _check(capacity, policy)
+        check_overflow(capacity, policy)
         self.label = label
         self.capacity = capacity
         self.policy = policy
-        self._conflating = policy == "conflate"
+        # The types whose oldest message may be dropped when the buffer is full.
+        self._drop_kinds = _drop_kinds(policy)
         #: (type, code) and the wishes for it, per key this subscriber is routed on.
         self.wishes: tuple[tuple[_Key, tuple[Wish, ...]], ...] = ()
-        # Items; a conflating buffer holds a key standing for a message's (type,
-        # code) instead, and the newest message of each waiting key in _index. The
-        # router's keys are its routes; put() uses the (type, code) tuple.
+        # Items; for a conflated type the buffer holds a key standing for a
+        # message's (type, code) instead, and the newest message of each waiting
+        # key is in _index. The router's keys are its routes; put() uses the
+        # (type, code) tuple.
         self._buffer: deque[Item | _Route | _Key] | None = None
         self._index: dict[_Route | _Key, Message] = {}
+        # Dropped since the component last took an item: (type, code) -> count.
+        self._lost: dict[_Key, int] | None = None
+        # Dropped since the last warning in the log: (type, code) -> count.
+        self._unreported: dict[_Key, int] | None = None
         self._waiter: asyncio.Future[None] | anyio.Event | None = None
         self._room: anyio.Event | None = None
         #: The component this buffer serves (a weak reference), set by the bus.
@@ -125,22 +137,46 @@ class Subscriber:
         self.starter: Callable[[Subscriber], None] | None = None
         self.closed = False
         self.delivered = 0
+        self.conflated = 0
         self.dropped = 0
         self.overflowed = 0
         self.failures = 0
 
     def configure(self, capacity: int, policy: Overflow) -> None:
-        """Change the bound and the policy; what is buffered stays, in order."""
-        _check(capacity, policy)
-        if self._conflating and policy != "conflate":
+        """Change the bound and the policy; what is buffered stays, in order.
+
+        The router must be told afterwards (:meth:`Router.add`): it chooses how
+        to offer each type by the policy.
+        """
+        check_overflow(capacity, policy)
+        if self._index and policy != self.policy:
             self._freeze()
         self.capacity = capacity
         self.policy = policy
-        self._conflating = policy == "conflate"
+        self._drop_kinds = _drop_kinds(policy)
+
+    def offer_for(self, kind: str) -> Callable[[_Route | _Key, Message], None]:
+        """The method that buffers messages of type ``kind`` under this policy."""
+        how = self._how(kind)
+        if how == _CONFLATE:
+            return self._offer_conflated
+        if how == _DROP:
+            return self._offer_droppable
+        return self._offer_kept
+
+    def _how(self, kind: str) -> str:
+        policy = self.policy
+        if policy == "auto":
+            if kind in STATE_TYPES:
+                return _CONFLATE
+            return _DROP if kind == "trade" else _KEEP
+        if policy == "conflate":
+            return _CONFLATE
+        return _DROP if policy == "drop_oldest" else _KEEP
 
     def put(self, item: Item) -> None:
         """Buffer ``item`` (never awaits)."""
-        if isinstance(item, ConnectionEvent):
+        if isinstance(item, BusEvent):
             if self._index:
                 # Later data must not jump ahead of the event by replacing a message
                 # waiting before it: those become plain entries, no longer replaceable.
@@ -150,29 +186,67 @@ class Subscriber:
             self.offer((item.type, item.code), item)
 
     def offer(self, key: _Route | _Key, message: Message) -> None:
-        """Buffer ``message``; ``key`` stands for its (type, code): the router's hot path."""
+        """Buffer ``message``; ``key`` stands for its (type, code)."""
+        self.offer_for(message.type)(key, message)
+
+    # The router calls one of these three per message and subscriber: the hot path.
+
+    def _offer_conflated(self, key: _Route | _Key, message: Message) -> None:
+        index = self._index
+        if key in index:
+            index[key] = message  # keeps its place in the queue
+            self.conflated += 1
+            return
+        index[key] = message
         buffer = self._buffer
         if buffer is None:
             buffer = self._buffer = deque()
-        if self._conflating:
-            index = self._index
-            if key in index:
-                index[key] = message  # keeps its place in the queue
-                self.dropped += 1
-                return
-            index[key] = message
-            buffer.append(key)
-        else:
-            if len(buffer) >= self.capacity:
-                if self.policy == "drop_oldest":
-                    buffer.popleft()
-                    self.dropped += 1
-                else:
-                    self.overflowed += 1  # past capacity within one socket read
-            buffer.append(message)
+        buffer.append(key)
         if len(buffer) == 1:
-            # Only the first item wakes: with more, the consumer was woken already.
-            self._wake()
+            self._wake()  # only the first item wakes: with more, it was woken already
+
+    def _offer_droppable(self, key: _Route | _Key, message: Message) -> None:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = deque()
+        elif len(buffer) >= self.capacity:
+            self._drop_oldest(buffer)
+        buffer.append(message)
+        if len(buffer) == 1:
+            self._wake()  # only the first item wakes: with more, it was woken already
+
+    def _offer_kept(self, key: _Route | _Key, message: Message) -> None:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = deque()
+        elif len(buffer) >= self.capacity:
+            # Kept all the same: for block, past capacity within one socket read;
+            # for orders under auto, a backlog the bus warns about.
+            self.overflowed += 1
+        buffer.append(message)
+        if len(buffer) == 1:
+            self._wake()  # only the first item wakes: with more, it was woken already
+
+    def _drop_oldest(self, buffer: deque[Item | _Route | _Key]) -> None:
+        # The oldest droppable message: never an event, never a conflated key (at
+        # most one per key, so bounded anyway), never an order event under auto.
+        kinds = self._drop_kinds
+        for position, entry in enumerate(buffer):
+            kind = getattr(entry, "type", None)
+            if kind in kinds and not isinstance(entry, BusEvent):
+                del buffer[position]
+                self._count_loss(cast(Message, entry))
+                return
+
+    def _count_loss(self, message: Message) -> None:
+        self.dropped += 1
+        key = (message.type, message.code)
+        if self._lost is None:
+            self._lost = {}
+        self._lost[key] = self._lost.get(key, 0) + 1
+        if self._unreported is None:
+            self._unreported = {}
+        self._unreported[key] = self._unreported.get(key, 0) + 1
 
     def _freeze(self) -> None:
         # Replace each waiting key by its message: the buffer's order is kept.
@@ -200,15 +274,20 @@ class Subscriber:
             starter(self)
 
     def take(self) -> Item | None:
-        """The oldest buffered item, or ``None`` when empty."""
+        """The oldest buffered item, or ``None`` when empty.
+
+        After a loss, a :class:`~upbus.Dropped` event comes first.
+        """
         buffer = self._buffer
         if not buffer:
             return None
+        if self._lost is not None:
+            return self._take_lost()
         entry = buffer.popleft()
         if self._room is not None:
             self._release_room()
         self.delivered += 1
-        if isinstance(entry, _KEY_CLASSES):  # a conflating buffer's key: its newest message
+        if isinstance(entry, _KEY_CLASSES):  # a conflated type's key: its newest message
             return self._index.pop(entry)
         return entry
 
@@ -225,9 +304,21 @@ class Subscriber:
             items = cast(list[Item], list(buffer))
         buffer.clear()
         self.delivered += len(items)
+        if self._lost is not None:
+            items.insert(0, self._take_lost())
         if self._room is not None:
             self._release_room()
         return items
+
+    def _take_lost(self) -> Dropped:
+        lost, self._lost = self._lost or {}, None
+        keys = tuple((kind, code, count) for (kind, code), count in lost.items())
+        return Dropped(sum(lost.values()), keys)
+
+    def take_unreported(self) -> dict[_Key, int]:
+        """What was dropped since the last call, per (type, code): for the bus's warnings."""
+        unreported, self._unreported = self._unreported or {}, None
+        return unreported
 
     def _release_room(self) -> None:
         if self._room is not None and len(self) < self.capacity:
@@ -335,15 +426,23 @@ class Subscriber:
             "capacity": self.capacity,
             "buffered": len(self),
             "delivered": self.delivered,
+            "conflated": self.conflated,
             "dropped": self.dropped,
             "overflowed": self.overflowed,
             "failures": self.failures,
         }
 
 
-def _check(capacity: int, policy: str) -> None:
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+def _drop_kinds(policy: str) -> frozenset[str]:
+    if policy == "drop_oldest":
+        return _ALL_TYPES
+    return frozenset({"trade"}) if policy == "auto" else frozenset()
+
+
+def check_overflow(capacity: object, policy: object) -> None:
+    """Raise ``ValueError`` naming what is wrong with a buffer's capacity or policy."""
+    if type(capacity) is not int or capacity < 1:
+        raise ValueError(f"capacity must be a whole number >= 1, got {capacity!r}")
     if policy not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {policy!r}")
 
@@ -357,7 +456,7 @@ class _Route:
         # Subscribers that want every message of the key as it is: just their offer().
         self.offers: list[Callable[[_Route, Message], None]] = []
         # The others, with their wishes, to narrow each message (books, modes, levels).
-        self.narrowing: list[tuple[Subscriber, tuple[Wish, ...]]] = []
+        self.narrowing: list[_Narrowing] = []
         # The last-value cache: the latest message, or for books the latest per level.
         self.last: Message | None = None
         self.books: dict[float, Orderbook] = {}
@@ -367,11 +466,20 @@ class _Route:
 
     def subscribers(self) -> list[Subscriber]:
         # Each offer is a subscriber's bound method.
-        owners = [cast(Subscriber, cast(MethodType, offer).__self__) for offer in self.offers]
-        return owners + [subscriber for subscriber, _wishes in self.narrowing]
+        owners = [_offer_owner(offer) for offer in self.offers]
+        return owners + [subscriber for subscriber, _wishes, _offer in self.narrowing]
 
     def cached(self, level: float) -> Message | None:
         return self.books.get(level) if self.books else self.last
+
+
+# A subscriber whose wishes need narrowing, with them and its offer method.
+_Narrowing = tuple[Subscriber, tuple[Wish, ...], Callable[[_Route, Message], None]]
+
+
+def _offer_owner(offer: Callable[[_Route, Message], None]) -> Subscriber:
+    # Each offer is a subscriber's bound method.
+    return cast(Subscriber, cast(MethodType, offer).__self__)
 
 
 # What a conflating buffer may hold in place of a message.
@@ -416,11 +524,12 @@ class Router:
             fresh = route is None
             if route is None:
                 route = by_code[code] = _Route()
+            offer = subscriber.offer_for(kind)
             only = key_wishes[0]
             if len(key_wishes) == 1 and only.mode is Mode.BOTH and only.type != "orderbook":
-                route.offers.append(subscriber.offer)
+                route.offers.append(offer)
             else:
-                route.narrowing.append((subscriber, key_wishes))
+                route.narrowing.append((subscriber, key_wishes, offer))
             if not fresh:
                 self._replay(subscriber, route, key_wishes)
 
@@ -439,14 +548,13 @@ class Router:
                 return
 
     def remove(self, subscriber: Subscriber) -> None:
-        offer = subscriber.offer
         for (kind, code), _wishes in subscriber.wishes:
             by_code = self._routes.get(kind)
             route = None if by_code is None else by_code.get(code)
             if by_code is None or route is None:
                 continue
-            if offer in route.offers:
-                route.offers.remove(offer)
+            # By owner, not by method: the policy, and so the method, may have changed.
+            route.offers = [o for o in route.offers if _offer_owner(o) is not subscriber]
             route.narrowing = [entry for entry in route.narrowing if entry[0] is not subscriber]
             if not route:
                 del by_code[code]
@@ -523,11 +631,11 @@ class Router:
 
 
 def _offer_narrowed(route: _Route, message: Message, trimmed: dict[int, Message] | None) -> None:
-    for subscriber, wishes in route.narrowing:
+    for _subscriber, wishes, offer in route.narrowing:
         for wish in wishes:
             narrowed = _narrow(message, wish, trimmed)
             if narrowed is not None:
-                subscriber.offer(route, narrowed)
+                offer(route, narrowed)
                 break
 
 

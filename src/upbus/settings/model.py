@@ -212,6 +212,15 @@ class Settings(BaseSettings):
     verify_delay: float = Field(
         default=1.0, gt=0, description="Seconds after a request before verifying it."
     )
+    shutdown_drain: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds components get at shutdown to handle what their buffers hold; "
+            "a component still busy then is named in a warning."
+        ),
+    )
     rate_limit: RateLimitSettings = Field(
         default_factory=RateLimitSettings, description="Exchange request limits."
     )
