@@ -13,19 +13,23 @@ per frame). The common frame (whole, final text or binary) costs one Python call
 append and a few attribute reads; everything else (fragments, pongs, close frames)
 takes :meth:`PicowsConnection._other_frame`.
 
-Unlike the default transport, control frames are handled as they arrive, whether
-or not a task is reading: picows answers pings itself (``enable_auto_pong``), and
-pongs settle :meth:`PicowsConnection.ping` waiters at once. What picows checks
-(opcodes, masking, length encodings, control frame sizes, close codes, the frame
-size limit) it answers with a close frame; what it leaves to the application
-(fragment sequencing, UTF-8 of text messages, the size of a reassembled message)
-is checked here. Reserved header bits are not checked: no extension is ever
-offered, so a conforming server never sets them, and the test would cost every
-frame.
+Control frames are handled as they arrive, whether or not a task is reading:
+picows answers pings itself (``enable_auto_pong``), and pongs settle
+:meth:`PicowsConnection.ping` waiters at once. What picows checks (opcodes,
+masking, length encodings, control frame sizes, close codes, the frame size limit)
+it answers with a close frame; what it leaves to the application (fragment
+sequencing, UTF-8 of text messages, the size of a reassembled message) is checked
+here. Reserved header bits are not checked: no extension is ever offered, so a
+conforming server never sets them, and the test would cost every frame.
 
 A reader that falls behind does not make the connection buffer without bound:
 once ``max_pending`` messages wait, reading from the socket pauses (TCP pushes
 back on the server) until :meth:`~PicowsConnection.receive_batch` takes them.
+While reading is paused, a pong may be queued behind data nobody may read yet, so
+the timeout of :meth:`~PicowsConnection.ping` stops counting: a consumer that does
+not read never makes the connection look dead, and a server that stops answering
+is found whenever the connection can read. The default transport
+(:mod:`upbus.core.wsconn`) behaves the same.
 """
 
 from __future__ import annotations
@@ -85,6 +89,16 @@ _CLOSE = WSMsgType.CLOSE
 _FINISHED: list[bytes] = []
 
 
+class _PingWaiter:
+    """One outstanding :meth:`PicowsConnection.ping`; a pong fills ``answered_at``."""
+
+    __slots__ = ("answered_at", "sent_at")
+
+    def __init__(self) -> None:
+        self.sent_at = 0.0
+        self.answered_at: float | None = None
+
+
 class PicowsConnection(WSListener):
     """One open WebSocket connection; picows's listener for it, too.
 
@@ -106,6 +120,7 @@ class PicowsConnection(WSListener):
         "_abandoned",
         "_backlog",
         "_batch",
+        "_changed",
         "_close_info",
         "_close_timeout",
         "_closing",
@@ -150,8 +165,9 @@ class PicowsConnection(WSListener):
         self._fragments: list[bytes] | None = None  # pieces of a fragmented message
         self._fragments_size = 0
         self._fragments_text = False
-        self._pings: dict[bytes, asyncio.Future[float | None]] = {}
+        self._pings: dict[bytes, _PingWaiter] = {}
         self._ping_seq = 0
+        self._changed: anyio.Event | None = None  # set by _notify
         # (code, reason) once the connection is finished, for every later call to raise.
         self._close_info: tuple[int | None, str] | None = None
         self._closing = False
@@ -203,6 +219,7 @@ class PicowsConnection(WSListener):
             if len(self._batch) >= self._max_pending and not self._read_paused:
                 self._read_paused = True
                 transport.underlying_transport.pause_reading()
+                self._notify()  # ping() clocks stop
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._close_info is None:
@@ -281,11 +298,10 @@ class PicowsConnection(WSListener):
         # A peer may answer only the latest of several pings (§5.5.3), so a pong
         # also settles every ping sent before the one it matches.
         for key in list(pings):
-            waiter = pings.pop(key)
-            if not waiter.done():
-                waiter.set_result(now)
+            pings.pop(key).answered_at = now
             if key == payload:
                 break
+        self._notify()
 
     def _on_close(self, transport: WSTransport, payload: bytes) -> None:
         """The server's close frame (picows has checked its code and reason)."""
@@ -318,10 +334,15 @@ class PicowsConnection(WSListener):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        pings, self._pings = self._pings, {}
-        for ping in pings.values():
-            if not ping.done():
-                ping.set_result(None)  # ping() raises ConnectionClosed
+        self._pings = {}  # their answered_at stays None: ping() raises ConnectionClosed
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake :meth:`ping` waiters: a pong came, reading paused or resumed, or the end."""
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     def _closed_error(self) -> ConnectionClosed:
         # A fresh exception per raise: re-raising one instance grows its traceback.
@@ -361,6 +382,7 @@ class PicowsConnection(WSListener):
                     self._read_paused = False
                     if self._transport is not None and not self._transport.is_disconnected:
                         self._transport.underlying_transport.resume_reading()
+                    self._notify()  # ping() clocks run again
                 return taken
             if self._close_info is not None:
                 raise self._closed_error()
@@ -388,7 +410,11 @@ class PicowsConnection(WSListener):
     async def ping(self, timeout: float) -> float:
         """Send a ping and return the seconds until its pong arrived.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds and
+        The pong is read whether or not a task is in :meth:`receive_batch`. While
+        reading is paused because ``max_pending`` messages wait for the reader, the
+        timeout's clock stops: the pong may be queued behind them. The round trip
+        returned includes any time the clock stood still. Raises ``TimeoutError``
+        once ``timeout`` seconds have counted without a pong and
         :class:`ConnectionClosed` if the connection ends first.
         """
         transport = self._transport
@@ -396,18 +422,39 @@ class PicowsConnection(WSListener):
             raise self._closed_error()
         self._ping_seq += 1
         payload = self._ping_seq.to_bytes(8, "big")
-        waiter: asyncio.Future[float | None] = self._loop.create_future()
+        waiter = _PingWaiter()
         self._pings[payload] = waiter
+        loop = self._loop
         try:
-            with anyio.fail_after(timeout):
-                sent_at = self._loop.time()
-                transport.send_ping(payload)
-                answered_at = await waiter
+            waiter.sent_at = loop.time()
+            transport.send_ping(payload)
+            remaining = timeout
+            while waiter.answered_at is None and self._close_info is None:
+                if self._read_paused:
+                    await self._wait_change()  # the reader is behind: the clock stops
+                    continue
+                if remaining <= 0:
+                    raise TimeoutError
+                started = loop.time()
+                with anyio.move_on_after(remaining):
+                    await self._wait_change()
+                remaining -= loop.time() - started
         finally:
             self._pings.pop(payload, None)
-        if answered_at is None:  # woken because the connection finished
+        if waiter.answered_at is None:  # woken because the connection finished
             raise self._closed_error()
-        return answered_at - sent_at
+        return waiter.answered_at - waiter.sent_at
+
+    async def _wait_change(self) -> None:
+        changed = self._changed
+        if changed is None:
+            changed = self._changed = anyio.Event()
+        await changed.wait()
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while ``max_pending`` messages wait and the socket is not read."""
+        return self._read_paused
 
     async def aclose(self, code: int = 1000) -> None:
         """Send a close frame (if still possible) and close the socket; idempotent.

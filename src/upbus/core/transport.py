@@ -71,7 +71,20 @@ class Connection(Protocol):
         ...
 
     async def ping(self, timeout: float) -> float:
-        """Send a protocol ping and return the round-trip time; ``TimeoutError`` if no pong."""
+        """Send a protocol ping and return the round-trip time; ``TimeoutError`` if no pong.
+
+        The pong must be found whether or not a task is in :meth:`receive_batch`:
+        the receive loop may be parked on a lossless consumer whose buffer is full.
+        So the connection reads on its own meanwhile, keeping the data messages it
+        reads for the next :meth:`receive_batch`, but only up to a bound (the
+        transports' ``max_pending``). At the bound it stops reading, so TCP pushes
+        back on the server, and ``timeout`` stops counting until the reader takes
+        messages again: the pong may be queued behind data that may not be read
+        yet. A consumer that does not read therefore never makes the connection
+        look dead, and a server that stops answering is found whenever the
+        connection can read. The returned round trip includes any paused time.
+        ``ConnectionClosed`` if the connection ends first.
+        """
         ...
 
     async def aclose(self, code: int = 1000) -> None:

@@ -15,10 +15,17 @@ keeps the protocol state, and which also builds every outgoing frame. Feeding ev
 frame to wsproto cost ~12 µs of Python per message, more than ``websockets`` spends
 in total.
 
-The caller's receive loop drives everything that arrives: pings are answered and
-pongs matched to :meth:`WsConnection.ping` waiters only while some task is inside
-:meth:`WsConnection.receive_batch`. That loop must therefore never block on
-consumers; hand messages on with ``send_nowait`` or similar and read again.
+Whoever reads handles the control frames: pings are answered and pongs matched to
+:meth:`WsConnection.ping` waiters by the task in :meth:`WsConnection.receive_batch`,
+or, while none is there, by :meth:`WsConnection.ping` itself. A receive loop may
+therefore stop reading for a while (a lossless consumer's buffer is full) and
+heartbeats still work: ``ping`` reads on, keeping the data messages it reads for the
+next ``receive_batch``, but only up to ``max_pending`` of them. Then it stops
+reading, so TCP pushes back on the server as the consumer asked, and its timeout
+stops counting, since the pong may be queued behind data that may not be read yet:
+a consumer that does not read never makes the connection look dead, and a server
+that stops answering is found whenever the connection can read. picows's transport
+(:mod:`upbus.core.picows_conn`) behaves the same.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ logger = logging.getLogger("upbus.transport")
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 _READ_SIZE = 65_536
 _MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # Upbit's largest messages are a few kB
+_MAX_PENDING = 1024  # messages read by ping() for receive_batch before reading stops
 _MAX_ERROR_BODY = 1_000  # characters of a refused upgrade's body kept in the error
 # What a read or write on an httpcore network stream raises when the socket fails;
 # httpcore maps its backends' errors to these, OSError covers anything unmapped.
@@ -88,12 +96,11 @@ def safe_url(url: str) -> str:
 
 
 class _PingWaiter:
-    """One outstanding :meth:`WsConnection.ping`; the receive loop fills ``answered_at``."""
+    """One outstanding :meth:`WsConnection.ping`; whoever reads the pong fills ``answered_at``."""
 
-    __slots__ = ("answered_at", "event", "sent_at")
+    __slots__ = ("answered_at", "sent_at")
 
     def __init__(self) -> None:
-        self.event = anyio.Event()
         self.sent_at = 0.0
         self.answered_at: float | None = None
 
@@ -113,15 +120,19 @@ class WsConnection:
     :param close_timeout: bound on sending the close frame and on closing the stream.
     :param max_message_size: a longer frame or fragmented message closes the
         connection with code 1009 instead of being buffered.
+    :param max_pending: messages :meth:`ping` keeps for :meth:`receive_batch`
+        before it stops reading (see :meth:`ping`).
     """
 
     __slots__ = (
+        "_changed",
         "_close_info",
         "_close_timeout",
         "_closing",
         "_fragments",
         "_fragments_size",
         "_max_message_size",
+        "_max_pending",
         "_pending",
         "_pending_needed",
         "_pending_size",
@@ -129,9 +140,12 @@ class WsConnection:
         "_pings",
         "_proto",
         "_read_size",
+        "_reading",
+        "_receiving",
         "_response",
         "_stream",
         "_stream_closed",
+        "_unread",
         "_url",
         "_write_lock",
     )
@@ -145,6 +159,7 @@ class WsConnection:
         read_size: int = _READ_SIZE,
         close_timeout: float = 5.0,
         max_message_size: int = _MAX_MESSAGE_SIZE,
+        max_pending: int = _MAX_PENDING,
     ) -> None:
         self._stream = stream
         self._url = url
@@ -161,6 +176,11 @@ class WsConnection:
         self._pending_needed = 0  # bytes that frame needs in all; 0: header incomplete
         self._pings: dict[bytes, _PingWaiter] = {}
         self._ping_seq = 0
+        self._max_pending = max_pending
+        self._unread: list[bytes | str] = []  # messages read, not yet returned
+        self._receiving = False  # a task is in receive_batch
+        self._reading = False  # a socket read is under way (receive_batch's or ping's)
+        self._changed: anyio.Event | None = None  # set by _notify
         # (code, reason) once the connection is finished, for every later call to raise.
         self._close_info: tuple[int | None, str] | None = None
         self._closing = False
@@ -183,19 +203,42 @@ class WsConnection:
 
         Binary messages come as ``bytes``, text messages as ``str``. Pings are
         answered (the pong is written before this returns), pongs wake :meth:`ping`
-        waiters, unsolicited pongs are ignored. A read that completes no message is
-        followed by another read, so the list is never empty. Messages that arrived
-        ahead of a close frame are returned first; the call after that raises
-        :class:`ConnectionClosed` with the close frame's code and reason. A lost
-        connection raises ``ConnectionClosed(None, …)``.
+        waiters, unsolicited pongs are ignored. Messages that a :meth:`ping` read
+        while no task was here come first, without a read. A read that completes no
+        message is followed by another read, so the list is never empty. Messages
+        that arrived ahead of a close frame are returned first; the call after that
+        raises :class:`ConnectionClosed` with the close frame's code and reason. A
+        lost connection raises ``ConnectionClosed(None, …)``.
         """
-        if self._close_info is not None:
-            raise self._closed_error()
-        read = self._stream.read
-        size = self._read_size
-        while True:
+        self._receiving = True
+        try:
+            while True:
+                batch = self._unread
+                if batch:
+                    self._unread = []
+                    return batch
+                if self._close_info is not None:
+                    raise self._closed_error()
+                if self._reading:
+                    # A ping() is in a read; what it reads is ours.
+                    await self._wait_change()
+                    continue
+                await self._read()
+        finally:
+            self._receiving = False
+            self._notify()  # a waiting ping() reads from now on
+
+    async def _read(self) -> None:
+        """One socket read: its messages go to ``_unread``, its control frames are handled.
+
+        Raises :class:`ConnectionClosed` if the socket failed or hit EOF; after a
+        close frame or a protocol error it returns normally with the connection
+        finished, so the messages read before it are handed over first.
+        """
+        self._reading = True
+        try:
             try:
-                data = await read(size)
+                data = await self._stream.read(self._read_size)
             except _NETWORK_ERRORS as exc:
                 error = self._lost(f"{type(exc).__name__}: {exc}")
                 await self._close_stream()
@@ -212,28 +255,39 @@ class WsConnection:
                 pending.append(data)
                 self._pending_size += len(data)
                 if self._pending_size < self._pending_needed:
-                    continue
+                    return
                 data = b"".join(pending)
                 pending.clear()
-
-            batch: list[bytes | str] = []
-            replies = self._split(data, batch)
+            replies = self._split(data, self._unread)
             if replies:
-                # Answer pings before handing the batch over, so a slow consumer of
-                # this batch cannot delay them.
-                try:
+                # Answer pings before handing the messages over, so a slow consumer
+                # cannot delay them. A failed write has finished the connection: the
+                # messages read are still handed over, the next call raises.
+                with contextlib.suppress(ConnectionClosed):
                     await self._write(replies)
-                except ConnectionClosed:
-                    if not batch:
-                        raise
-                    return batch  # deliver what was read; the next call raises
             if self._close_info is not None:
                 await self._close_stream()
-                if batch:
-                    return batch
-                raise self._closed_error()
-            if batch:
-                return batch
+        finally:
+            self._reading = False
+            self._notify()
+
+    async def _wait_change(self) -> None:
+        """Wait until a read ends, a pong arrives, a reader comes or goes, or the end."""
+        changed = self._changed
+        if changed is None:
+            changed = self._changed = anyio.Event()
+        await changed.wait()
+
+    def _notify(self) -> None:
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while ``max_pending`` messages wait and :meth:`ping` reads no more."""
+        return len(self._unread) >= self._max_pending
 
     def _split(self, data: bytes, batch: list[bytes | str]) -> bytes:
         """Cut ``data`` into frames, append finished messages to ``batch`` and return
@@ -349,9 +403,9 @@ class WsConnection:
         for key in list(pings):
             waiter = pings.pop(key)
             waiter.answered_at = now
-            waiter.event.set()
             if key == payload:
                 break
+        self._notify()
 
     def _on_close(self, event: CloseConnection) -> bytes:
         """Record the close and return the close frame to answer with (maybe empty)."""
@@ -392,9 +446,19 @@ class WsConnection:
     async def ping(self, timeout: float) -> float:
         """Send a ping and return the seconds until its pong was read.
 
-        The pong is read by whichever task is in :meth:`receive_batch`; with no
-        receive loop running this times out. Raises ``TimeoutError`` after
-        ``timeout`` seconds and :class:`ConnectionClosed` if the connection ends first.
+        While a task is in :meth:`receive_batch`, that task reads the pong. While
+        none is (the caller's receive loop waits on a slow consumer, say), this
+        reads the socket itself: it answers pings, settles pongs and keeps the
+        messages it reads for the next :meth:`receive_batch`. It keeps at most
+        ``max_pending`` of them (plus the rest of one read): once that many wait, it
+        reads no more, so TCP pushes back on the server, and the timeout's clock
+        stops, because the pong may be queued behind data nobody may read yet. A
+        consumer that does not read therefore never makes the connection look dead,
+        while a server that stops answering is still found whenever the connection
+        can read. The round trip returned includes any time the clock stood still.
+
+        Raises ``TimeoutError`` once ``timeout`` seconds have counted without a pong
+        and :class:`ConnectionClosed` if the connection ends first.
         """
         self._ping_seq += 1
         payload = self._ping_seq.to_bytes(8, "big")
@@ -402,15 +466,34 @@ class WsConnection:
         waiter = _PingWaiter()
         self._pings[payload] = waiter
         try:
+            waiter.sent_at = anyio.current_time()
             with anyio.fail_after(timeout):
-                waiter.sent_at = anyio.current_time()
                 await self._write(data)
-                await waiter.event.wait()
+            await self._await_pong(waiter, timeout - (anyio.current_time() - waiter.sent_at))
         finally:
             self._pings.pop(payload, None)
         if waiter.answered_at is None:  # woken because the connection finished
             raise self._closed_error()
         return waiter.answered_at - waiter.sent_at
+
+    async def _await_pong(self, waiter: _PingWaiter, remaining: float) -> None:
+        """Wait for ``waiter``'s pong, reading while no one else does (see :meth:`ping`)."""
+        while waiter.answered_at is None and self._close_info is None:
+            if not self._receiving and len(self._unread) >= self._max_pending:
+                await self._wait_change()  # the consumer is behind: the clock stops
+                continue
+            if remaining <= 0:
+                raise TimeoutError
+            started = anyio.current_time()
+            with anyio.move_on_after(remaining):
+                if self._receiving or self._reading:
+                    await self._wait_change()
+                else:
+                    try:
+                        await self._read()
+                    except ConnectionClosed:
+                        return  # the connection finished: ping() raises
+            remaining -= anyio.current_time() - started
 
     def _frame(self, event: Event) -> bytes:
         if self._close_info is not None:
@@ -480,9 +563,8 @@ class WsConnection:
         if self._close_info is not None:
             return
         self._close_info = (code, reason)
-        pings, self._pings = self._pings, {}
-        for waiter in pings.values():
-            waiter.event.set()  # answered_at stays None: ping() raises
+        self._pings = {}  # their answered_at stays None: ping() raises
+        self._notify()
 
     def _lost(self, detail: str) -> ConnectionClosed:
         self._finish(None, f"connection to {self._url} lost: {detail}")
@@ -511,6 +593,8 @@ class HttpxWsTransport:
     :param read_size: bytes asked of each socket read.
     :param max_message_size: longest message accepted; a longer one closes the
         connection with code 1009.
+    :param max_pending: messages a connection's :meth:`~WsConnection.ping` reads
+        ahead for a receive loop that is not reading, before it stops reading.
     """
 
     def __init__(
@@ -521,9 +605,11 @@ class HttpxWsTransport:
         close_timeout: float = 5.0,
         read_size: int = _READ_SIZE,
         max_message_size: int = _MAX_MESSAGE_SIZE,
+        max_pending: int = _MAX_PENDING,
     ) -> None:
         self._client = client
         self._max_message_size = max_message_size
+        self._max_pending = max_pending
         self._owns_client = client is None
         self._handshake_timeout = handshake_timeout
         self._close_timeout = close_timeout
@@ -605,6 +691,7 @@ class HttpxWsTransport:
             read_size=self._read_size,
             close_timeout=self._close_timeout,
             max_message_size=self._max_message_size,
+            max_pending=self._max_pending,
         )
 
     async def aclose(self) -> None:
