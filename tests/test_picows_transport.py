@@ -656,6 +656,8 @@ async def test_abrupt_tcp_drop_raises_connection_closed() -> None:
         pytest.param(b"\x8f\x00", 1002, id="unknown-opcode"),
         pytest.param(b"\x82\x85abcd" + b"12345", 1002, id="masked-server-frame"),
         pytest.param(b"\x82\x7e\x00\x05hello", 1002, id="non-minimal-length"),
+        pytest.param(b"\xc2\x02hi", 1002, id="reserved-bit"),
+        pytest.param(b"\xc9\x02hi", 1002, id="reserved-bit-on-a-ping"),
         pytest.param(b"\x80\x02hi", 1002, id="continuation-without-start"),
         pytest.param(b"\x01\x02hi\x81\x02hi", 1002, id="new-message-inside-fragmented"),
         pytest.param(b"\x09\x02hi", 1002, id="fragmented-ping"),

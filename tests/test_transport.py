@@ -699,6 +699,8 @@ async def test_malformed_frame_closes_with_protocol_error() -> None:
         pytest.param(b"\x09\x02hi", 1002, id="fragmented-ping"),
         pytest.param(b"\x81\x02\xff\xfe", 1007, id="invalid-utf8"),
         pytest.param(b"\x82\x7f" + (1 << 40).to_bytes(8, "big"), 1009, id="huge-frame"),
+        pytest.param(b"\x82\x7f" + (1 << 63).to_bytes(8, "big"), 1002, id="length-msb-set"),
+        pytest.param(b"\x89\x7e\x01\x00", 1002, id="ping-over-125-bytes-not-waited-for"),
     ],
 )
 @pytest.mark.anyio

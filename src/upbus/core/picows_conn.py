@@ -13,14 +13,14 @@ per frame). The common frame (whole, final text or binary) costs one Python call
 append and a few attribute reads; everything else (fragments, pongs, close frames)
 takes :meth:`PicowsConnection._other_frame`.
 
-Control frames are handled as they arrive, whether or not a task is reading:
-picows answers pings itself (``enable_auto_pong``), and pongs settle
-:meth:`PicowsConnection.ping` waiters at once. What picows checks (opcodes,
-masking, length encodings, control frame sizes, close codes, the frame size limit)
-it answers with a close frame; what it leaves to the application (fragment
-sequencing, UTF-8 of text messages, the size of a reassembled message) is checked
-here. Reserved header bits are not checked: no extension is ever offered, so a
-conforming server never sets them, and the test would cost every frame.
+Control frames are handled as they arrive, whether or not a task is reading: pings
+are answered and pongs settle :meth:`PicowsConnection.ping` waiters at once. What
+picows checks (opcodes, masking, length encodings, control frame sizes, close
+codes, the frame size limit) it answers with a close frame; what it leaves to the
+application (reserved header bits, fragment sequencing, UTF-8 of text messages, the
+size of a reassembled message) is checked here, with the same close codes as the
+default transport (1002, 1007, 1009). Pings are answered here too, not by picows's
+auto-pong, which would answer a ping before its reserved bits could be checked.
 
 A reader that falls behind does not make the connection buffer without bound:
 once ``max_pending`` messages wait, reading from the socket pauses (TCP pushes
@@ -200,7 +200,9 @@ class PicowsConnection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
-        if kind is _BINARY and frame.fin and self._fragments is None:
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:  # a few ns: plain C fields
+            self._fail(1002, "reserved bits set, but no extension was negotiated")
+        elif kind is _BINARY and frame.fin and self._fragments is None:
             self._batch.append(frame.get_payload_as_bytes())
         elif kind is _TEXT and frame.fin and self._fragments is None:
             try:
@@ -258,7 +260,7 @@ class PicowsConnection(WSListener):
         if kind is _CLOSE:
             self._on_close(transport, frame.get_payload_as_bytes())
             return
-        if kind is _PING:  # only reaches us if auto-pong is off
+        if kind is _PING:
             transport.send_pong(frame.get_payload_as_bytes())
             return
         fragments = self._fragments
@@ -588,7 +590,8 @@ class PicowsTransport:
                     extra_headers=dict(headers),
                     ssl_context=ssl_context,
                     websocket_handshake_timeout=self._handshake_timeout,
-                    enable_auto_pong=True,
+                    # Answered in _other_frame, after the reserved bits are checked.
+                    enable_auto_pong=False,
                     max_frame_size=self._max_message_size,
                     max_redirects=0,
                     proxy=proxy,

@@ -9,11 +9,14 @@ hop or timeout scope, which is what made httpx-ws's own session (a zero-buffer m
 stream and a timeout scope per message) over ten times slower than this.
 
 Framing is split in two. The common frame (whole, final, unmasked text or binary) is
-cut out of the read buffer directly; everything else (control frames, fragments,
-malformed frames) goes whole to a ``wsproto.Connection``, which validates it and
-keeps the protocol state, and which also builds every outgoing frame. Feeding every
-frame to wsproto cost ~12 µs of Python per message, more than ``websockets`` spends
-in total.
+cut out of the read buffer directly. Every other frame's header is checked as soon as
+it is read (reserved bits, opcode, masking, control frame size and fragmentation,
+length encoding: close code 1002, as picows's parser does), so a frame that can never
+be valid is not waited for; a valid one (control frames, fragments) goes whole to a
+``wsproto.Connection``, which checks the rest (fragment order, UTF-8, close codes)
+and keeps the protocol state, and which also builds every outgoing frame. Feeding
+every frame to wsproto cost ~12 µs of Python per message, more than ``websockets``
+spends in total.
 
 Whoever reads handles the control frames: pings are answered and pongs matched to
 :meth:`WsConnection.ping` waiters by the task in :meth:`WsConnection.receive_batch`,
@@ -295,9 +298,12 @@ class WsConnection:
 
         The common frame (whole, final, unmasked, text or binary, outside a
         fragmented message) is decoded right here: a few byte tests and a slice,
-        where wsproto spends 10–20 µs of Python per frame. Every other frame (control
-        frames, fragments, anything malformed) goes to wsproto whole, so wsproto
-        validates it, keeps the protocol state, and is always at a frame boundary.
+        where wsproto spends 10–20 µs of Python per frame. Every other frame's header
+        is checked here as soon as it is in (:func:`_header_problem`, the same checks
+        and close codes as picows's parser); a valid one (control frames,
+        fragments) then goes to wsproto whole, so wsproto checks what needs state or
+        the payload (fragment order, UTF-8, close codes), keeps the protocol state,
+        and is always at a frame boundary.
         """
         replies = b""
         limit = self._max_message_size
@@ -323,8 +329,12 @@ class WsConnection:
                 start = pos + 10
                 length = int.from_bytes(data[pos + 2 : start])
                 canonical = 65_536 <= length < 1 << 63
-            if b1 & 0x80:
-                start += 4  # a masked frame: invalid from a server, wsproto says so
+            if (b0 != 0x82 and b0 != 0x81) or b1 & 0x80 or not canonical:
+                # Checked as soon as the header is in, not once the payload is:
+                # a frame that can never be valid must not be waited for.
+                problem = _header_problem(b0, b1, length, canonical)
+                if problem is not None:
+                    return replies + self._fail_protocol(1002, problem)
             if length > limit:
                 replies += self._fail_protocol(1009, f"a frame of {length} bytes is too big")
                 return replies
@@ -332,7 +342,7 @@ class WsConnection:
             if end > size:
                 needed = end - pos
                 break
-            if canonical and b1 < 0x80 and self._fragments is None:
+            if self._fragments is None:
                 if b0 == 0x82:  # FIN + binary
                     batch.append(data[start:end])
                     pos = end
@@ -574,6 +584,35 @@ class WsConnection:
         # A fresh exception per raise: re-raising one instance grows its traceback.
         code, reason = self._close_info or (None, "closed")
         return ConnectionClosed(code, reason)
+
+
+_OPCODES = frozenset({0x0, 0x1, 0x2, 0x8, 0x9, 0xA})  # RFC 6455 §5.2
+
+
+def _header_problem(b0: int, b1: int, length: int, canonical: bool) -> str | None:
+    """What makes a server frame's header invalid (close code 1002), or ``None``.
+
+    ``b0`` and ``b1`` are the header's first two bytes, ``length`` the payload
+    length it gives and ``canonical`` whether that length is in its shortest form.
+    No extension is ever negotiated, so any reserved bit is an error.
+    """
+    opcode = b0 & 0x0F
+    if b0 & 0x70:
+        return f"reserved bits 0x{b0 & 0x70:02x} set, but no extension was negotiated"
+    if opcode not in _OPCODES:
+        return f"unknown opcode 0x{opcode:x}"
+    if b1 & 0x80:
+        return "a masked frame from the server (RFC 6455 §5.1)"
+    if opcode >= 0x8:
+        if not b0 & 0x80:
+            return "a fragmented control frame"
+        if length > 125:
+            return f"a control frame of {length} bytes (at most 125)"
+    if not canonical:
+        if length >= 1 << 63:
+            return "a 64-bit payload length with the most significant bit set"
+        return "a payload length not in its shortest form"
+    return None
 
 
 class HttpxWsTransport:
