@@ -229,7 +229,8 @@ class WsConnection:
                 await self._read()
         finally:
             self._receiving = False
-            self._notify()  # a waiting ping() reads from now on
+            if self._changed is not None:
+                self._notify()  # a waiting ping() reads from now on
 
     async def _read(self) -> None:
         """One socket read: its messages go to ``_unread``, its control frames are handled.
@@ -272,7 +273,8 @@ class WsConnection:
                 await self._close_stream()
         finally:
             self._reading = False
-            self._notify()
+            if self._changed is not None:
+                self._notify()
 
     async def _wait_change(self) -> None:
         """Wait until a read ends, a pong arrives, a reader comes or goes, or the end."""
