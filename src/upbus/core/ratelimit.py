@@ -38,6 +38,8 @@ from upbus.core.clock import AnyioClock, Clock
 from upbus.core.errors import LimiterWaitExpired
 
 __all__ = (
+    "DEFAULT_BACKOFF_INITIAL",
+    "DEFAULT_BACKOFF_MAX",
     "DEFAULT_MARGIN",
     "DEFAULT_MAX_WAIT",
     "RollingWindowLimiter",
@@ -50,6 +52,14 @@ DEFAULT_MARGIN = 0.1
 
 DEFAULT_MAX_WAIT = 15.0
 """Default longest wait, in seconds, for one grant."""
+
+DEFAULT_BACKOFF_INITIAL = 1.0
+"""Default first block, in seconds, after a "Too Many Requests" answer."""
+
+DEFAULT_BACKOFF_MAX = 10.0
+"""Default longest block, in seconds: a few seconds past the exchange's one-second
+window. A longer block is an outage of its own, and the rolling windows already
+keep the client within the limits once the block is over."""
 
 # When a grant must wait, delay() aims this far *past* the boundary instant, because
 # the boundary instant itself is not allowed (see _window_delay) and float rounding
@@ -87,7 +97,8 @@ class RollingWindowLimiter:
     Use :meth:`acquire` from async code (waits, FIFO among concurrent callers, then
     records the grant), or :meth:`delay` and :meth:`take` with explicit times from
     synchronous code. :meth:`back_off` reacts to a "Too Many Requests" answer by
-    blocking all grants for a growing period.
+    blocking all grants for a growing period, capped at ``backoff_max``;
+    :meth:`reset_back_off` starts the growth over once traffic flows again.
 
     The limiter is meant for one event loop; it is not thread-safe.
     """
@@ -100,8 +111,8 @@ class RollingWindowLimiter:
         clock: Clock | None = None,
         margin: float = 0.0,
         max_wait: float = DEFAULT_MAX_WAIT,
-        backoff_initial: float = 1.0,
-        backoff_max: float = 60.0,
+        backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
     ) -> None:
         if not windows:
             raise ValueError("windows must hold at least one (limit, period) pair")
@@ -238,13 +249,24 @@ class RollingWindowLimiter:
         self._back_offs += 1
         return length
 
+    def reset_back_off(self) -> None:
+        """Forget earlier back-offs: the next one lasts ``backoff_initial`` again.
+
+        Call it when traffic flowed without a "Too Many Requests" answer (a
+        connection carried data). A block in force stays in force.
+        """
+        self._last_backoff_at = None
+        self._last_backoff_len = 0.0
+
     def status(self, now: float | None = None) -> dict[str, object]:
         """A snapshot of usage and statistics, for logs and metrics.
 
         ``windows`` lists, per window, its ``limit``, nominal ``period`` and
         ``used``: the grants inside the closed interval of ``period + margin``
-        seconds ending at ``now``. Pass ``now`` when calling from outside the event
-        loop (the default clock reads the running loop's time).
+        seconds ending at ``now``. ``last_back_off`` is the length of the latest
+        back-off since the last :meth:`reset_back_off` (0.0: none). Pass ``now`` when
+        calling from outside the event loop (the default clock reads the running
+        loop's time).
         """
         at = self._now(now)
         windows: list[dict[str, object]] = []
@@ -261,6 +283,7 @@ class RollingWindowLimiter:
             "wait_seconds_max": self._wait_max,
             "expired": self._expired,
             "back_offs": self._back_offs,
+            "last_back_off": self._last_backoff_len,
             "blocked_for": max(0.0, self._blocked_until - at),
         }
 
@@ -359,8 +382,8 @@ def upbit_message_limiter(
     margin: float = DEFAULT_MARGIN,
     max_wait: float = DEFAULT_MAX_WAIT,
     clock: Clock | None = None,
-    backoff_initial: float = 1.0,
-    backoff_max: float = 60.0,
+    backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
+    backoff_max: float = DEFAULT_BACKOFF_MAX,
 ) -> RollingWindowLimiter:
     """A limiter for request messages on one Upbit WebSocket connection.
 
@@ -386,8 +409,8 @@ def upbit_connect_limiter(
     margin: float = DEFAULT_MARGIN,
     max_wait: float = DEFAULT_MAX_WAIT,
     clock: Clock | None = None,
-    backoff_initial: float = 1.0,
-    backoff_max: float = 60.0,
+    backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
+    backoff_max: float = DEFAULT_BACKOFF_MAX,
 ) -> RollingWindowLimiter:
     """A limiter for WebSocket connection attempts to Upbit.
 
