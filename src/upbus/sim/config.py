@@ -53,6 +53,10 @@ class SimConfig:
     error_close_delay: float = 0.15  # error frame, then close 1000 this much later
     close_timeout: float = 1.0  # wait for the client's close reply, then drop TCP
     binary_control_frames: bool = True  # [U] UP and error frames binary like data frames
+    # A test knob, not exchange behaviour (the exchange ignores unknown codes): a data
+    # object carrying one of these codes (depth suffix ignored) is refused with
+    # INVALID_PARAM, so a test can make the exchange refuse what validation allows.
+    reject_codes: frozenset[str] = frozenset()
 
     # -- connect limits (per IP for public, per access key for private)
     connect_limit: tuple[int, float] = (5, 1.0)

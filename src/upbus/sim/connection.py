@@ -176,9 +176,14 @@ class Connection:
         """Queue one message frame carrying ``payload``."""
         self._queue(_Out(payload, binary=binary))
 
-    def send_error(self, name: str, message: str) -> None:
-        """Send an error frame, then close as after a refused request."""
-        self._begin_fail(name, message)
+    def send_error(self, name: str, message: str, *, close: bool = True) -> None:
+        """Send an error frame, then close as after a refused request (unless not ``close``)."""
+        if close:
+            self._begin_fail(name, message)
+        elif not self._closing:
+            self._queue(
+                _Out(encode_error(name, message), binary=self._config.binary_control_frames)
+            )
 
     def set_rate(self, rate: Rate) -> None:
         self.rate = rate
@@ -402,7 +407,11 @@ class Connection:
                 self._tg.start_soon(self._up_loop)
             return
         try:
-            request = parse_request(text, private=self.endpoint == "private")
+            request = parse_request(
+                text,
+                private=self.endpoint == "private",
+                reject_codes=self._config.reject_codes,
+            )
         except RequestError as error:
             self._record(text, None, error.name)
             self._violation("request_error", error.name)

@@ -16,11 +16,17 @@ Decisions on [U] points:
 * Private types on the public endpoint, and public types on the private one, give
   ``INVALID_PARAM`` ("... is not supported"), as an unknown type does.
 * A request without a format object means ``DEFAULT``, for ``LIST_SUBSCRIPTIONS`` too.
+
+A test knob, not exchange behaviour: codes listed in ``reject_codes`` are refused with
+``INVALID_PARAM`` ("code … is not supported"), so that a test can make the exchange
+refuse a request that client-side validation cannot catch. (The exchange itself
+serves unknown codes with silence, PROTOCOL §2.3.)
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Set
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -59,6 +65,8 @@ _MESSAGES: dict[str, tuple[str, str]] = {
     "BAD_TYPE": ("{} 은 지원하지 않는 타입입니다.", "type {} is not supported."),
     "BAD_FORMAT": ("format {} 은 지원하지 않는 형식입니다.", "format {} is not supported."),
     "BAD_METHOD": ("method {} 은 지원하지 않는 메소드입니다.", "method {} is not supported."),
+    # Only for the reject_codes test knob; no source shows such a message.
+    "BAD_CODE": ("{} 은 지원하지 않는 코드입니다.", "code {} is not supported."),
 }
 
 
@@ -158,7 +166,7 @@ def _codes(obj: dict[str, Any]) -> tuple[str, ...] | None:
     return tuple(codes)
 
 
-def _entry(obj: dict[str, Any], private: bool) -> Entry:
+def _entry(obj: dict[str, Any], private: bool, reject_codes: Set[str]) -> Entry:
     if "type" not in obj:
         raise RequestError("NO_TYPE", "NO_TYPE")
     kind = obj["type"]
@@ -168,6 +176,9 @@ def _entry(obj: dict[str, Any], private: bool) -> Entry:
     if kind not in allowed:
         raise RequestError("INVALID_PARAM", "BAD_TYPE", kind)
     codes = _codes(obj)
+    for code in codes or ():
+        if code.partition(".")[0] in reject_codes:
+            raise RequestError("INVALID_PARAM", "BAD_CODE", code)
     if kind == "myAsset":
         if codes is not None:
             raise RequestError("WRONG_FORMAT", "WRONG_FORMAT")
@@ -188,8 +199,13 @@ def _entry(obj: dict[str, Any], private: bool) -> Entry:
     )
 
 
-def parse_request(text: str, *, private: bool) -> Subscribe | ListSubscriptions:
-    """Parse one request frame for the public (or private) endpoint."""
+def parse_request(
+    text: str, *, private: bool, reject_codes: Set[str] = frozenset()
+) -> Subscribe | ListSubscriptions:
+    """Parse one request frame for the public (or private) endpoint.
+
+    ``reject_codes`` (a test knob) are codes refused with ``INVALID_PARAM``.
+    """
     objects = _load(text)
     ticket: Any = None
     method: Any = None
@@ -217,5 +233,5 @@ def parse_request(text: str, *, private: bool) -> Subscribe | ListSubscriptions:
         return ListSubscriptions(ticket=ticket, format=fmt)
     if not data_objects:
         raise RequestError("NO_TYPE", "NO_TYPE")
-    entries = tuple(_entry(obj, private) for obj in data_objects)
+    entries = tuple(_entry(obj, private, reject_codes) for obj in data_objects)
     return Subscribe(ticket=ticket, entries=entries, format=fmt)

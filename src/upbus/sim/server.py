@@ -249,9 +249,15 @@ class Simulator(anyio.AsyncContextManagerMixin):
         """Send one arbitrary message frame."""
         self._connection(connection).send_frame(payload, binary=binary)
 
-    def send_error(self, connection: int, name: str, message: str = "") -> None:
-        """Send an ``{"error":...}`` frame, then close (1000) as after a bad request."""
-        self._connection(connection).send_error(name, message)
+    def send_error(
+        self, connection: int, name: str, message: str = "", *, close: bool = True
+    ) -> None:
+        """Send an ``{"error":...}`` frame, then close (1000) as after a bad request.
+
+        ``close=False`` sends the frame and keeps serving: an error frame the
+        exchange does not follow with a close (none is documented; for tests).
+        """
+        self._connection(connection).send_error(name, message, close=close)
 
     def refuse_connections(self, seconds: float, *, status: int | None = None) -> None:
         """For ``seconds``, answer upgrades with HTTP ``status``, or drop them if None."""
