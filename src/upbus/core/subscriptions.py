@@ -8,11 +8,19 @@ Components are held weakly. A weakref callback can run at any bytecode, even in
 the middle of an update, so it only appends a token to a queue; the queue is
 drained at the start of every operation and before every send
 (:meth:`SubscriptionManager.collect_garbage`).
+
+Keys (type, code, level) that the exchange refused are *excluded*: their wishes stay
+registered but out of the merged state (see :mod:`upbus.core.quarantine`). A
+quarantined key stays out until every component holding it has unregistered or
+re-registered without it; a component that registers it meanwhile joins the holders
+and is told. A *held* key is a suspect kept out for a moment while the others of a
+refused request are tried; :meth:`SubscriptionManager.release` lets it back in.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -23,16 +31,20 @@ from opentelemetry.trace import Tracer
 
 from upbus.core.errors import ComponentError
 from upbus.core.merge import Merger, RefCountMerger
+from upbus.core.quarantine import Key, describe, key_order, wish_key
 from upbus.core.specs import Channel, Spec, Wish, parse_specs
 from upbus.core.state import MergedState, StateChange
 from upbus.core.telemetry import change_context, get_tracer
 
-__all__ = ("Listener", "SubscriptionManager")
+__all__ = ("Listener", "Rejected", "RejectionListener", "SubscriptionManager")
 
 log = logging.getLogger("upbus.subscriptions")
 
 CHANNELS = tuple(Channel)  # iterating the enum itself is slow on the hot-ish path
 Listener = Callable[[StateChange], None]
+Rejected = list[tuple[object, tuple[Wish, ...]]]
+"""Components with the wishes of theirs that were quarantined."""
+RejectionListener = Callable[[Channel, Rejected, str], None]
 SpecsArg = Spec | Mapping[str, Any] | Iterable[Spec | Mapping[str, Any]]
 
 
@@ -59,6 +71,28 @@ class _Registration:
     @property
     def label(self) -> str:
         return f"{self.kind}@{self.key:x}"
+
+
+@dataclass(slots=True, eq=False)
+class _Exclusion:
+    """A key kept out of the merged state, and the registrations that hold it."""
+
+    quarantined: bool  # False: a suspect held back while others are tried
+    detail: str
+    since: float  # wall-clock time of the decision
+    holders: set[int]  # tokens
+
+    def stats(self, key: Key) -> dict[str, Any]:
+        kind, code, level = key
+        return {
+            "entry": describe(key),
+            "type": kind,
+            "code": code,
+            "level": level,
+            "detail": self.detail,
+            "since": self.since,
+            "components": len(self.holders),
+        }
 
 
 def _split(specs: Iterable[Spec]) -> _Wishes:
@@ -100,6 +134,8 @@ class SubscriptionManager:
         self._on_death = self._dead.append
         self._next_token = 0
         self._listeners: list[Listener] = []
+        self._rejection_listeners: list[RejectionListener] = []
+        self._excluded: dict[Channel, dict[Key, _Exclusion]] = {ch: {} for ch in CHANNELS}
         self._tracer = tracer or get_tracer()
         self._registered_total = 0
         self._collected_total = 0
@@ -112,6 +148,13 @@ class SubscriptionManager:
 
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
+
+    def add_rejection_listener(self, listener: RejectionListener) -> None:
+        """Call ``listener(channel, rejected, detail)`` when a component registers a
+        wish whose key is quarantined already (it is kept out, and its owner should
+        know). Decisions themselves are reported by whoever calls :meth:`quarantine`.
+        """
+        self._rejection_listeners.append(listener)
 
     # -- the seed's API ----------------------------------------------------------
 
@@ -144,8 +187,10 @@ class SubscriptionManager:
         self._by_key[registration.key] = registration
         self._by_token[token] = registration
         self._registered_total += 1
-        changed = [ch for ch in CHANNELS if self._mergers[ch].add(_of(wishes, ch))]
+        changed = [ch for ch in CHANNELS if self._mergers[ch].add(self._effective(wishes, ch))]
+        notices = self._note_holder(registration)
         self._announce(changed, "register", registration.label)
+        self._tell(notices)
 
     def unregister_component(self, component: object) -> bool:
         """Remove ``component``'s specs; return whether it was registered."""
@@ -153,8 +198,7 @@ class SubscriptionManager:
         registration = self._lookup(component)
         if registration is None:
             return False
-        self._drop(registration)
-        changed = [ch for ch in CHANNELS if self._mergers[ch].remove(_of(registration.wishes, ch))]
+        changed = self._drop(registration)
         self._announce(changed, "unregister", registration.label)
         return True
 
@@ -167,7 +211,12 @@ class SubscriptionManager:
         return self.state(Channel.PRIVATE)
 
     def get_subscription_stats(self) -> dict[str, Any]:
-        """Counts for debugging: live components, and per channel entries, codes and version."""
+        """Counts for debugging: live components, and per channel entries, codes and version.
+
+        Per channel, ``quarantined`` lists the keys the exchange refused and ``held``
+        the suspects kept out while a refused request is narrowed down, each as
+        ``{"entry", "type", "code", "level", "detail", "since", "components"}``.
+        """
         stats: dict[str, Any] = {
             "components": len(self._by_token),
             "registered_total": self._registered_total,
@@ -184,8 +233,18 @@ class SubscriptionManager:
                 "codes": state.code_count(),
                 "types": sorted({entry.type for entry in state.entries}),
                 **self._mergers[channel].stats(),
+                "quarantined": self._exclusion_stats(channel, quarantined=True),
+                "held": self._exclusion_stats(channel, quarantined=False),
             }
         return stats
+
+    def _exclusion_stats(self, channel: Channel, *, quarantined: bool) -> list[dict[str, Any]]:
+        excluded = self._excluded[channel]
+        return [
+            excluded[key].stats(key)
+            for key in sorted(excluded, key=key_order)
+            if excluded[key].quarantined is quarantined
+        ]
 
     # -- for the batcher and the bus ----------------------------------------------
 
@@ -216,12 +275,9 @@ class SubscriptionManager:
             registration = self._by_token.get(dead.popleft().token)
             if registration is None:
                 continue
-            self._drop(registration)
+            changed = self._drop(registration)
             self._collected_total += 1
             collected += 1
-            changed = [
-                ch for ch in CHANNELS if self._mergers[ch].remove(_of(registration.wishes, ch))
-            ]
             log.debug("component %s was garbage-collected", registration.label)
             self._announce(changed, "collected", registration.label)
         return collected
@@ -238,16 +294,26 @@ class SubscriptionManager:
         # (ids are reused); it is not this component's registration.
         return None
 
-    def _drop(self, registration: _Registration) -> None:
+    def _drop(self, registration: _Registration) -> list[Channel]:
+        """Forget ``registration``; return the channels whose merged state changed."""
         del self._by_token[registration.token]
         if self._by_key.get(registration.key) is registration:
             del self._by_key[registration.key]
+        changed = [
+            ch
+            for ch in CHANNELS
+            if self._mergers[ch].remove(self._effective(registration.wishes, ch))
+        ]
+        # Only now: lifting an exclusion changes what _effective() leaves out.
+        registration.wishes = (_NONE, _NONE)
+        self._note_holder(registration)
+        return changed
 
     def _replace(self, old: _Registration, specs: tuple[Spec, ...], wishes: _Wishes) -> None:
         changed = []
         for channel in CHANNELS:
-            before = Counter(_of(old.wishes, channel))
-            after = Counter(_of(wishes, channel))
+            before = Counter(self._effective(old.wishes, channel))
+            after = Counter(self._effective(wishes, channel))
             merger = self._mergers[channel]
             added = merger.add((after - before).elements())
             removed = merger.remove((before - after).elements())
@@ -255,7 +321,160 @@ class SubscriptionManager:
                 changed.append(channel)
         old.specs = specs
         old.wishes = wishes
+        notices = self._note_holder(old)
         self._announce(changed, "register", old.label)
+        self._tell(notices)
+
+    # -- exclusions (quarantine) ---------------------------------------------------------
+
+    def _effective(self, wishes: _Wishes, channel: Channel) -> tuple[Wish, ...]:
+        """``wishes`` of ``channel`` less those whose key is excluded: what the merger holds."""
+        mine = _of(wishes, channel)
+        excluded = self._excluded[channel]
+        if not excluded or not mine:
+            return mine
+        return tuple(wish for wish in mine if wish_key(wish) not in excluded)
+
+    def _note_holder(self, registration: _Registration) -> list[tuple[Channel, Rejected, str]]:
+        """Bring the exclusions' holders up to date with ``registration``'s wishes.
+
+        Lifts an exclusion nobody holds any more, and returns notices for the wishes
+        of a newly holding component whose key is quarantined.
+        """
+        notices: list[tuple[Channel, Rejected, str]] = []
+        token = registration.token
+        for channel in CHANNELS:
+            excluded = self._excluded[channel]
+            if not excluded:
+                continue
+            mine: dict[Key, list[Wish]] = {}
+            for wish in _of(registration.wishes, channel):
+                key = wish_key(wish)
+                if key in excluded:
+                    mine.setdefault(key, []).append(wish)
+            told: dict[str, list[Wish]] = {}
+            for key, exclusion in list(excluded.items()):
+                if key in mine:
+                    if token not in exclusion.holders:
+                        exclusion.holders.add(token)
+                        if exclusion.quarantined:
+                            told.setdefault(exclusion.detail, []).extend(mine[key])
+                elif token in exclusion.holders:
+                    exclusion.holders.discard(token)
+                    if not exclusion.holders:
+                        del excluded[key]
+                        log.info(
+                            "%s: %s is no longer %s: no component holds it",
+                            channel.value,
+                            describe(key),
+                            "quarantined" if exclusion.quarantined else "held back",
+                        )
+            component = registration.ref()
+            if component is not None:
+                for detail, wishes in told.items():
+                    notices.append((channel, [(component, tuple(wishes))], detail))
+        return notices
+
+    def _tell(self, notices: list[tuple[Channel, Rejected, str]]) -> None:
+        for channel, rejected, detail in notices:
+            for component, wishes in rejected:
+                log.warning(
+                    "%s: %s registered %s, quarantined after the exchange refused it (%s); "
+                    "it is not sent",
+                    channel.value,
+                    type(component).__name__,
+                    ", ".join(sorted({describe(wish_key(wish)) for wish in wishes})),
+                    detail,
+                )
+            for listener in list(self._rejection_listeners):
+                try:
+                    listener(channel, rejected, detail)
+                except Exception:
+                    log.exception("rejection listener %r failed", listener)
+
+    def _exclude(
+        self, channel: Channel, keys: Iterable[Key], detail: str, *, quarantined: bool
+    ) -> Rejected:
+        self.collect_garbage()
+        keys = set(keys)
+        excluded = self._excluded[channel]
+        holders: dict[Key, set[int]] = {key: set() for key in keys}
+        out: list[Wish] = []  # wishes still in the merger, to take out
+        rejected: Rejected = []
+        for registration in self._by_token.values():
+            mine = [wish for wish in _of(registration.wishes, channel) if wish_key(wish) in keys]
+            if not mine:
+                continue
+            for wish in mine:
+                key = wish_key(wish)
+                holders[key].add(registration.token)
+                if key not in excluded:
+                    out.append(wish)
+            component = registration.ref()
+            if component is not None:
+                rejected.append((component, tuple(mine)))
+        changed = self._mergers[channel].remove(out)
+        now = time.time()
+        for key in keys:
+            if holders[key]:
+                excluded[key] = _Exclusion(quarantined, detail, now, holders[key])
+            else:
+                excluded.pop(key, None)  # nobody wants it any more
+        label = ", ".join(describe(key) for key in sorted(keys, key=key_order))
+        self._announce([channel] if changed else [], "quarantine" if quarantined else "hold", label)
+        return rejected
+
+    def quarantine(self, channel: Channel, keys: Iterable[Key], detail: str) -> Rejected:
+        """Keep ``keys`` out of ``channel``'s merged state: the exchange refused them.
+
+        Each stays out until every component holding it has unregistered or
+        re-registered without it. Returns the live components holding them, each with
+        its wishes of those keys. ``detail`` (e.g. ``"INVALID_PARAM: codes field is
+        empty"``) is kept for :meth:`get_subscription_stats` and later registrants.
+        """
+        return self._exclude(channel, keys, detail, quarantined=True)
+
+    def hold(self, channel: Channel, keys: Iterable[Key], detail: str) -> None:
+        """Keep suspects ``keys`` out of ``channel``'s state until :meth:`release`."""
+        self._exclude(channel, keys, detail, quarantined=False)
+
+    def release(self, channel: Channel, keys: Iterable[Key] | None = None) -> bool:
+        """Let held ``keys`` (default: every held key) of ``channel`` back into the state.
+
+        Returns whether the state changed.
+        """
+        self.collect_garbage()
+        excluded = self._excluded[channel]
+        wanted = None if keys is None else set(keys)
+        held = {
+            key
+            for key, exclusion in excluded.items()
+            if not exclusion.quarantined and (wanted is None or key in wanted)
+        }
+        if not held:
+            return False
+        for key in held:
+            del excluded[key]
+        back = [
+            wish
+            for registration in self._by_token.values()
+            for wish in _of(registration.wishes, channel)
+            if wish_key(wish) in held
+        ]
+        changed = self._mergers[channel].add(back)
+        label = ", ".join(describe(key) for key in sorted(held, key=key_order))
+        self._announce([channel] if changed else [], "release", label)
+        return changed
+
+    def held(self, channel: Channel) -> frozenset[Key]:
+        """The keys of ``channel`` held back while a refused request is narrowed down."""
+        self.collect_garbage()
+        return frozenset(k for k, e in self._excluded[channel].items() if not e.quarantined)
+
+    def quarantined(self, channel: Channel) -> dict[Key, str]:
+        """The quarantined keys of ``channel``, each with the refusal's detail."""
+        self.collect_garbage()
+        return {k: e.detail for k, e in self._excluded[channel].items() if e.quarantined}
 
     def _announce(self, channels: list[Channel], reason: str, label: str) -> None:
         for channel in channels:
