@@ -10,6 +10,12 @@ in one plain call per socket read.
 It is both the batcher's sink (``send_state``) and its limiter (``wait``/``take``
 go to the current connection's message limiter, since the exchange counts
 messages per connection).
+
+When the exchange refuses a request (an error frame such as ``INVALID_PARAM``, then
+the close), the manager finds the wishes that caused it and has the
+:class:`~upbus.core.subscriptions.SubscriptionManager` keep them out of the state
+(:mod:`upbus.core.quarantine`), so the reconnect serves everything else instead of
+sending the same refused state again; ``on_rejected`` tells their owners.
 """
 
 from __future__ import annotations
@@ -31,10 +37,18 @@ from upbus.core.clock import AnyioClock, Clock
 from upbus.core.codec import FrameDecoder, encode_list_subscriptions, encode_request, new_ticket
 from upbus.core.errors import LimiterWaitExpired
 from upbus.core.messages import ErrorMessage, Message, Status, SubscriptionList
+from upbus.core.quarantine import (
+    REQUEST_ERRORS,
+    Key,
+    RequestTracker,
+    Verdict,
+    describe,
+    entry_keys,
+)
 from upbus.core.ratelimit import RollingWindowLimiter
-from upbus.core.specs import Channel
+from upbus.core.specs import Channel, Wish
 from upbus.core.state import MergedState, StateChange
-from upbus.core.subscriptions import SubscriptionManager
+from upbus.core.subscriptions import Rejected, SubscriptionManager
 from upbus.core.transport import (
     ConnectFailed,
     Connection,
@@ -55,6 +69,9 @@ TOO_MANY = frozenset({"Too Many Requests", "TOO_MANY_REQUEST", "TOO_MANY_REQUEST
 BANNED = frozenset({"I'm a teapot"})
 _TYPE_OF = operator.attrgetter("type")
 
+OnRejected = Callable[[list[tuple[object, tuple[Wish, ...]]], str], None]
+"""``on_rejected(rejected, detail)``: per live component, the wishes the exchange refused."""
+
 
 class WebSocketManager:
     """Holds one channel's connection: connect, auth, heartbeat, reconnect, resubscribe, receive.
@@ -65,6 +82,18 @@ class WebSocketManager:
         ``connected``, ``reconnected``, ``gap`` and ``closed``.
     :param headers: builds the upgrade headers for each connect (a fresh JWT for
         the private channel).
+    :param on_rejected: called once per quarantine decision with, for each live
+        component affected, ``(component, its quarantined wishes)``, and a detail
+        such as ``"INVALID_PARAM: codes field is empty."``; also when a component
+        registers a wish that is quarantined already. Never called from inside
+        :meth:`SubscriptionManager.register_component`: a registration's notice
+        comes from a task of :meth:`run`, after the registration returned.
+    :param confirm_after: seconds a request must stand on its connection without an
+        error to count as accepted, when no data for a key it added arrived first.
+    :param error_close_grace: seconds after an error frame within which a close is
+        that error's doing (the exchange closes 150-180 ms after the frame);
+        meanwhile nothing is sent on the connection. A connection still open after
+        it is used again.
     """
 
     def __init__(
@@ -80,6 +109,7 @@ class WebSocketManager:
         backpressure: Callable[[], Awaitable[None]] | None = None,
         on_state: Callable[[str, str], None] | None = None,
         on_sent: Callable[[MergedState, int], None] | None = None,
+        on_rejected: OnRejected | None = None,
         headers: Callable[[], Mapping[str, str]] = dict,
         fmt: str = "DEFAULT",
         heartbeat_interval: float = 30.0,
@@ -91,6 +121,8 @@ class WebSocketManager:
         reconnect_max: float = 30.0,
         reconnect_multiplier: float = 2.0,
         max_attempts: int | None = None,
+        confirm_after: float = 1.0,
+        error_close_grace: float = 1.0,
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -104,6 +136,15 @@ class WebSocketManager:
         self._backpressure = backpressure
         self._on_state = on_state
         self._on_sent = on_sent
+        self._on_rejected = on_rejected
+        self._confirm_after = confirm_after
+        self._error_close_grace = error_close_grace
+        self._tracker = RequestTracker()
+        self._tasks: TaskGroup | None = None  # run()'s own, for deferred notices
+        self._progress = False  # this connection's refusal led to a new, narrower state
+        self._rate_limited = False  # this connection got a rate-limit error
+        self._carried = False  # this connection delivered data
+        self._send_refused = False  # a send was refused while an error frame was pending
         self._headers = headers
         self._format = fmt
         self._heartbeat_interval = heartbeat_interval
@@ -127,7 +168,8 @@ class WebSocketManager:
         self._state = "idle"
         self._connected_since: float | None = None
         self._last_error: str | None = None
-        self._error_frame: str | None = None
+        self._error_frame: str | None = None  # an error frame whose close is awaited
+        self._error_at = 0.0
         self._last_sent: MergedState | None = None
         self._ping_rtt: float | None = None
         self._last_message_time: float | None = None
@@ -147,8 +189,11 @@ class WebSocketManager:
             "verifications": 0,
             "verified": 0,
             "drift_detected": 0,
+            "requests_refused": 0,
+            "quarantine_decisions": 0,
         }
         subscriptions.add_listener(self._on_change)
+        subscriptions.add_rejection_listener(self._on_late_rejection)
 
     def attach(self, batcher: Batcher) -> None:
         """The batcher that sends this channel's state (made with this manager as sink)."""
@@ -160,6 +205,13 @@ class WebSocketManager:
         conn = self._conn
         if conn is None:
             raise NotConnected(f"{self.channel.value}: not connected")
+        if self._error_frame is not None:
+            # The exchange closes this connection next; a request now would be
+            # ignored, and the state goes out on the next connection instead.
+            self._send_refused = True
+            raise NotConnected(
+                f"{self.channel.value}: the connection is closing after error {self._error_frame}"
+            )
         if not state:
             # There is no unsubscribe message: an empty state ends the stream by
             # closing the connection; the next subscription reconnects.
@@ -172,6 +224,9 @@ class WebSocketManager:
         size = len(text.encode())
         self._count_out(size)
         self._last_sent = state
+        request = self._tracker.sent(entry_keys(state.entries))
+        if self._conn_tasks is not None:
+            self._conn_tasks.start_soon(self._confirm_later, conn, request)
         if self._on_sent is not None:
             self._on_sent(state, size)
         if self._verify and self._conn_tasks is not None:
@@ -212,6 +267,20 @@ class WebSocketManager:
 
     async def run(self) -> None:
         """Keep the channel connected while it has subscriptions; runs until cancelled."""
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            try:
+                await self._run()
+            except Exception as exc:
+                failure = exc  # raised as itself, not inside an exception group
+            finally:
+                self._tasks = None
+                tasks.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _run(self) -> None:
         attempt = 0
         while True:
             await self._wait_for_subscriptions()
@@ -228,7 +297,14 @@ class WebSocketManager:
             carried = await self._serve(conn)
             # Reset the backoff only after a connection that carried data: one that
             # the server closes at once (a bad request, a ban) must keep backing off.
-            attempt = 0 if carried else attempt + 1
+            # A refusal that narrowed the state down is progress, not a repeat: the
+            # next connection sends another state, after a short pause only.
+            if carried:
+                attempt = 0
+            elif self._progress:
+                attempt = 1
+            else:
+                attempt += 1
             if not self._closing and attempt:
                 await self._back_off(attempt)
 
@@ -238,7 +314,10 @@ class WebSocketManager:
 
     async def _wait_for_subscriptions(self) -> None:
         self._closing = False
-        while not self._subscriptions.state(self.channel):
+        while True:
+            self._release_if_idle()
+            if self._subscriptions.state(self.channel):
+                return
             self._set_state("idle", "no subscriptions")
             self._wake = anyio.Event()
             await self._wake.wait()
@@ -289,14 +368,16 @@ class WebSocketManager:
             self._set_state("connected", self.url)
         self._ever_connected = True
         messages_before = self._counts["messages_in"]
-        if self._batcher is not None:
-            self._batcher.resend()  # invariant 7: the first request is the whole state
         reason = "closed"
         self._error_frame = None
+        self._progress = self._rate_limited = self._carried = self._send_refused = False
+        self._tracker.connected()
         timeouts = self._counts["heartbeat_timeouts"]
         try:
             async with anyio.create_task_group() as tg:
                 self._conn_tasks = tg
+                if self._batcher is not None:
+                    self._batcher.resend()  # invariant 7: the first request is the whole state
                 tg.start_soon(self._heartbeat, conn, tg.cancel_scope)
                 try:
                     await self._receive(conn)
@@ -307,9 +388,13 @@ class WebSocketManager:
                 tg.cancel_scope.cancel()
             if self._counts["heartbeat_timeouts"] != timeouts:
                 reason = self._last_error or "heartbeat timeout"
-            elif self._error_frame is not None:
+            elif self._error_frame is not None and (
+                self._clock.now() - self._error_at <= self._error_close_grace
+            ):
+                # Only the close that follows an error frame is that error's doing.
                 reason = f"closed after error {self._error_frame}"
         finally:
+            self._error_frame = None
             self._conn = None
             self._conn_tasks = None
             self._verify_expected = None
@@ -406,6 +491,10 @@ class WebSocketManager:
                 counts["messages_in"] += len(batch)
                 by_type.update(map(_TYPE_OF, batch))  # counted in C
                 self._last_message_time = time.time()
+                if not self._carried:
+                    self._first_data()
+                if self._tracker.waiting:
+                    self._witness(batch)
                 deliver(batch)
                 if backpressure is not None:
                     await backpressure()
@@ -422,16 +511,167 @@ class WebSocketManager:
                 message.name,
                 message.message,
             )
+            if self._error_frame is not None:
+                return  # the close of the first error is awaited; this adds nothing
+            self._error_frame = self._last_error
+            self._error_at = self._clock.now()
             if message.name in TOO_MANY or message.name in BANNED:
                 # The server closes this connection next, and the new one gets a
                 # fresh message budget: the back-off must outlive both, so the
                 # reconnect itself waits (the connect limiter of this scope).
+                self._rate_limited = True
                 if self._message_limiter is not None:
                     self._message_limiter.back_off()
                 self._connect_limiter.back_off()
-            self._error_frame = self._last_error
+                self._tracker.forget()
+            elif message.name in REQUEST_ERRORS:
+                self._refused(self._last_error)
+            else:
+                self._tracker.forget()
+            if self._conn_tasks is not None and self._conn is not None:
+                self._conn_tasks.start_soon(self._error_grace, self._conn, self._error_frame)
             # The server closes the connection after an error; the reconnect
-            # re-sends the whole wanted state, which was never dropped.
+            # re-sends the whole wanted state, which was never dropped (less what
+            # a refusal put in quarantine).
+
+    # -- refusals and quarantine --------------------------------------------------------
+
+    def _refused(self, detail: str) -> None:
+        """The exchange refused a request of this connection: find the wishes to blame."""
+        self._counts["requests_refused"] += 1
+        verdict = self._tracker.rejected(detail)
+        if verdict is None:
+            log.warning(
+                "%s: the exchange refused a request that added nothing to the last "
+                "accepted state (%s); sending the state again after the reconnect",
+                self.channel.value,
+                detail,
+            )
+            return
+        self._progress = True
+        if verdict.quarantine:
+            self._quarantine(verdict.quarantine, detail)
+        else:
+            self._hold(verdict)
+        self._release_if_idle()
+
+    def _quarantine(self, keys: frozenset[Key], detail: str) -> None:
+        self._counts["quarantine_decisions"] += 1
+        rejected = self._subscriptions.quarantine(self.channel, keys, detail)
+        entries = ", ".join(sorted(describe(key) for key in keys))
+        owners = ", ".join(sorted({type(component).__name__ for component, _ in rejected}))
+        log.error(
+            "%s: the exchange refused %s (%s); quarantined, no longer sent, for %d component(s)%s",
+            self.channel.value,
+            entries,
+            detail,
+            len(rejected),
+            f" ({owners})" if owners else "",
+        )
+        self._report(rejected, detail)
+
+    def _hold(self, verdict: Verdict) -> None:
+        self._subscriptions.hold(self.channel, verdict.hold, verdict.detail)
+        tried = verdict.suspects - verdict.hold
+        log.warning(
+            "%s: the exchange refused a request adding %d entries (%s); trying %s "
+            "first, holding back %s",
+            self.channel.value,
+            len(verdict.suspects),
+            verdict.detail,
+            ", ".join(sorted(describe(key) for key in tried)),
+            ", ".join(sorted(describe(key) for key in verdict.hold)),
+        )
+
+    def _try_held(self) -> None:
+        """Put the next held suspects back into the state (or quarantine a block of one
+        that must be bad), until the state changed or nothing is held."""
+        subscriptions = self._subscriptions
+        while (step := self._tracker.next_step()) is not None:
+            if step.quarantine:
+                self._quarantine(step.quarantine, step.detail)
+            if step.release:
+                log.info(
+                    "%s: trying %s, held back after a refusal",
+                    self.channel.value,
+                    ", ".join(sorted(describe(key) for key in step.release)),
+                )
+                if subscriptions.release(self.channel, step.release):
+                    return
+        # Nothing left to try, yet something held (the search was interrupted):
+        # it all goes out again, and a refusal starts a new search.
+        subscriptions.release(self.channel)
+
+    def _release_if_idle(self) -> None:
+        # Held keys wait for an accepted request; with nothing else left to send,
+        # none would ever come: they are what goes out next.
+        subscriptions = self._subscriptions
+        if subscriptions.held(self.channel) and not subscriptions.state(self.channel):
+            self._try_held()
+
+    def _report(self, rejected: Rejected, detail: str) -> None:
+        if not rejected or self._on_rejected is None:
+            return
+        try:
+            self._on_rejected(rejected, detail)
+        except Exception:
+            log.exception("%s: rejection listener failed", self.channel.value)
+
+    def _on_late_rejection(self, channel: Channel, rejected: Rejected, detail: str) -> None:
+        # A component registered a key that is quarantined already. This runs inside
+        # register_component: report from a task, once the registration is complete.
+        if channel is not self.channel:
+            return
+        if self._tasks is None:
+            self._report(rejected, detail)
+        else:
+            self._tasks.start_soon(self._report_soon, rejected, detail)
+
+    async def _report_soon(self, rejected: Rejected, detail: str) -> None:
+        self._report(rejected, detail)
+
+    def _accepted(self) -> None:
+        """A request of this connection was accepted: try what was held back."""
+        if self._subscriptions.held(self.channel):
+            self._try_held()
+
+    def _witness(self, batch: list[Message]) -> None:
+        witness = self._tracker.witness
+        for message in batch:
+            if witness(message.type, message.code):
+                self._accepted()
+                return
+
+    async def _confirm_later(self, conn: Connection, request: int) -> None:
+        await self._clock.sleep(self._confirm_after)
+        if self._conn is conn and self._error_frame is None and self._tracker.confirm(request):
+            self._accepted()
+
+    def _first_data(self) -> None:
+        self._carried = True
+        if not self._rate_limited:
+            # Traffic flows without complaint: the next "Too Many Requests" starts
+            # the back-off over, instead of doubling an old one.
+            reset = getattr(self._connect_limiter, "reset_back_off", None)
+            if reset is not None:
+                reset()
+
+    async def _error_grace(self, conn: Connection, label: str) -> None:
+        await self._clock.sleep(self._error_close_grace)
+        if self._conn is not conn or self._error_frame != label:
+            return
+        # Still open: this error did not close the connection after all. A later
+        # close is not its doing, and sending may resume.
+        log.info(
+            "%s: the connection stayed open after error %s; using it again",
+            self.channel.value,
+            label,
+        )
+        self._error_frame = None
+        if self._send_refused:
+            self._send_refused = False
+            if self._batcher is not None:
+                self._batcher.resend()
 
     def _set_state(self, state: str, detail: str) -> None:
         self._state = state
