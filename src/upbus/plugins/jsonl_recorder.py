@@ -18,7 +18,7 @@ One line per message, in order of arrival::
 ``public`` or ``private``, and ``message`` is the message with the exchange's
 DEFAULT field names (:func:`~upbus.core.codec.to_default_dict`), so the line's
 ``message`` is a frame :mod:`upbus.plugins.replay` can send again. The write path
-is the SQLite store's (:class:`~upbus.plugins.sqlite_store.BatchRecorder`): lossless,
+is the SQLite store's (:class:`~upbus.plugins.recording.BatchRecorder`): lossless,
 encoded and written by a writer thread in batches, each batch flushed to the OS,
 and the file synced and closed by the ``upbus_shutdown`` hook.
 """

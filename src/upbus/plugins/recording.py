@@ -1,19 +1,32 @@
 """What every recording plugin shares: settings, and a component with a writer thread.
 
 The component declares ``upbus_overflow = "block"``, so the bus never drops a
-message for it. Its ``on_message`` only puts ``(received_at, message)`` into a
-bounded queue; one writer thread owns the sink (a database connection, a file) and
-writes in batches of ``batch_size``, or after ``flush_interval``. When the writer
-falls ``max_pending`` behind, ``on_message`` waits off the loop and the bus holds
-back the channel (backpressure) instead of losing data. Closing stops accepting,
-writes everything accepted and closes the sink.
+message for it. One writer thread owns the sink (a database connection, a file)
+and writes in batches of ``batch_size``, or after ``flush_interval``. Closing
+stops accepting, writes everything accepted and closes the sink.
+
+Accepting cannot be interrupted. ``on_message`` appends ``(received_at, message)``
+to a backlog and counts it as accepted in one step under a lock, before it awaits
+anything; the writer takes from that backlog under the same lock. A delivery task
+cancelled in ``on_message`` (on SIGINT/SIGTERM, or after the bus's drain limit)
+is cancelled after the message was accepted, never between taking it and handing
+it over, so every message the bus delivers is either accepted, and then written
+or counted as lost in a failed write, or refused (delivered while closing, or
+after the writer stopped) and counted as refused. ``accepted == written + lost``
+once :meth:`BatchRecorder.aclose` has returned.
+
+Backpressure is a wait after accepting, never a condition of it: when the backlog
+holds ``max_pending`` messages, ``on_message`` waits off the loop until the writer
+takes some, and meanwhile the bus holds back the channel instead of losing data.
+Cancelling that wait loses nothing; each cancelled wait lets the backlog run one
+message past ``max_pending``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import queue
+import sys
 import threading
 import time
 import weakref
@@ -45,7 +58,8 @@ __all__ = (
 
 log = logging.getLogger("upbus.plugins.recording")
 
-# The writer wakes at least this often, to notice an interpreter exiting without aclose().
+# The writer and the waits for it wake at least this often, to notice an interpreter
+# exiting without aclose().
 _EXIT_POLL = 1.0
 
 
@@ -108,6 +122,9 @@ class FileRecorderSettings(RecorderSettings):
 Item = tuple[float, Message]
 """``(received_at, message)``: what a recorder queues for its writer."""
 
+# The writer wants no wake-up while it is busy: the backlog never gets this long.
+_NEVER = sys.maxsize
+
 
 class Sink(Protocol):
     """Where a :class:`BatchRecorder`'s writer thread puts batches; used from that thread only."""
@@ -115,18 +132,6 @@ class Sink(Protocol):
     def write(self, items: list[Item]) -> None: ...
 
     def close(self) -> None: ...
-
-
-class _Flush:
-    """A queue marker: write what came before me, then set ``done``."""
-
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-
-_STOP = object()
 
 
 class BatchRecorder:
@@ -154,11 +159,16 @@ class BatchRecorder:
         self._open_sink = open_sink
         self._batch_size = batch_size
         self._flush_interval = flush_interval
-        self._queue: queue.Queue[object] = queue.Queue(max_pending)
+        self._max_pending = max_pending
         self._thread = threading.Thread(target=self._run, name=f"upbus {name} writer")
         self._opened: Future[None] = Future()
-        # Orders slow puts before the stop marker, so nothing accepted lands behind it.
-        self._put_lock = anyio.Lock()
+        # One lock guards the backlog, the flags and the counters. No I/O is done under it.
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the writer waits here
+        self._progress = threading.Condition(self._lock)  # taken, written, or stopped
+        self._backlog: list[Item] = []  # accepted, not yet taken by the writer
+        self._wake_at = 1  # the backlog length at which the waiting writer wants a notify
+        self._flush_to = 0  # the writer writes at once until this many are written or lost
         self._closing = False
         self._stopped = False
         self.accepted = 0
@@ -178,89 +188,110 @@ class BatchRecorder:
         await anyio.to_thread.run_sync(self._opened.result)
 
     async def on_message(self, message: Message) -> None:
-        if self._closing or self._stopped:
-            self._refuse()
-            return
         item = (time.time(), message)
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            # The writer is behind: wait for room in a worker thread. Meanwhile the
-            # bus keeps later messages in this component's lossless buffer.
-            async with self._put_lock:
-                if self._closing:  # aclose() went first: the stop marker is queued
-                    self._refuse()
-                    return
-                # Counted first: a put that has started completes even if we are
-                # cancelled meanwhile (the worker thread is not abandoned).
+        # Accepting is one step under the lock, before any await: a cancellation
+        # can come only after it, and then the message is in the backlog already.
+        with self._lock:
+            refused = self._closing or self._stopped
+            if refused:
+                self.refused += 1
+                first_refusal = self.refused == 1
+            else:
+                backlog = self._backlog
+                backlog.append(item)
                 self.accepted += 1
-                if not await anyio.to_thread.run_sync(self._put_waiting, item):
-                    self.accepted -= 1
-                    self._refuse()
-        else:
-            self.accepted += 1
+                if len(backlog) >= self._wake_at:
+                    self._wake_at = _NEVER
+                    self._work.notify()
+                full = len(backlog) >= self._max_pending
+        if refused:
+            if first_refusal:
+                log.warning(
+                    "%s: %s; messages delivered from now on are not recorded",
+                    self.name,
+                    "closing" if self._closing else "the writer thread has stopped",
+                )
+        elif full:
+            # Backpressure: the bus keeps later messages in this component's lossless
+            # buffer until the writer takes some. Only waiting is cancelled here.
+            await anyio.to_thread.run_sync(self._wait_for_room, abandon_on_cancel=True)
 
     async def flush(self) -> None:
-        """Wait until everything accepted so far is written."""
-        marker = _Flush()
-        async with self._put_lock:
-            if not await anyio.to_thread.run_sync(self._put_waiting, marker):
-                return
-        await anyio.to_thread.run_sync(self._wait_done, marker)
+        """Wait until everything accepted so far is written (or lost in a failed write)."""
+        with self._lock:
+            target = self.accepted
+            self._flush_to = max(self._flush_to, target)
+            self._work.notify()
+        await anyio.to_thread.run_sync(self._wait_finished, target, abandon_on_cancel=True)
 
     async def aclose(self) -> None:
         """Stop accepting, write everything accepted, close the sink. Safe to call twice.
 
         Shielded from cancellation: a stop on SIGINT/SIGTERM must still write everything.
         """
-        self._closing = True
+        with self._lock:
+            self._closing = True
+            self._work.notify()
         with anyio.CancelScope(shield=True):
             if self._thread.is_alive():
-                async with self._put_lock:
-                    await anyio.to_thread.run_sync(self._put_waiting, _STOP)
                 await anyio.to_thread.run_sync(self._thread.join)
+        self._settle()  # the writer has ended, or never started
         log.info(
-            "%s: closed; %d accepted, %d written in %d batches, %d lost",
+            "%s: closed; %d accepted, %d written in %d batches, %d lost, %d refused",
             self.name,
             self.accepted,
             self.written,
             self.batches,
             self.lost,
+            self.refused,
         )
 
     def stats(self) -> dict[str, Any]:
-        """Counters: ``accepted`` (queued for writing), ``written``, ``batches``, ``lost``
-        (in failed writes), ``refused`` (delivered after closing), ``pending`` (queued now)."""
-        return {
-            "accepted": self.accepted,
-            "written": self.written,
-            "batches": self.batches,
-            "lost": self.lost,
-            "refused": self.refused,
-            "pending": self._queue.qsize(),
-        }
+        """Counters: ``accepted`` (to be written), ``written``, ``batches``, ``lost``
+        (in failed writes), ``refused`` (delivered while closing or after the writer
+        stopped, never accepted), ``pending`` (accepted, not yet written or lost).
 
-    def _refuse(self) -> None:
-        if not self.refused:
-            log.warning(
-                "%s: %s; messages delivered from now on are not recorded",
-                self.name,
-                "closing" if self._closing else "the writer thread has stopped",
+        ``accepted == written + lost + pending`` at every moment, and ``pending`` is
+        0 once :meth:`aclose` has returned.
+        """
+        with self._lock:
+            return {
+                "accepted": self.accepted,
+                "written": self.written,
+                "batches": self.batches,
+                "lost": self.lost,
+                "refused": self.refused,
+                "pending": self.accepted - self.written - self.lost,
+            }
+
+    # The two waits run in worker threads, which the interpreter waits for at exit:
+    # they end when the writer stops, and on their own once the main thread has ended.
+
+    def _wait_for_room(self) -> None:
+        with self._lock:
+            while len(self._backlog) >= self._max_pending and self._worth_waiting():
+                self._progress.wait(_EXIT_POLL)
+
+    def _wait_finished(self, target: int) -> None:
+        with self._lock:
+            while self.written + self.lost < target and self._worth_waiting():
+                self._progress.wait(_EXIT_POLL)
+
+    def _worth_waiting(self) -> bool:
+        return not self._stopped and threading.main_thread().is_alive()
+
+    def _settle(self) -> None:
+        """Once no writer runs: count as lost what was accepted and never written."""
+        with self._lock:
+            self._stopped = True
+            missing = self.accepted - self.written - self.lost
+            self.lost += missing
+            self._backlog.clear()
+            self._progress.notify_all()
+        if missing:
+            log.error(
+                "%s: %d accepted messages were never written; they are lost", self.name, missing
             )
-        self.refused += 1
-
-    def _put_waiting(self, item: object) -> bool:
-        while not self._stopped:
-            try:
-                self._queue.put(item, timeout=0.1)
-            except queue.Full:
-                continue
-            return True
-        return False
-
-    def _wait_done(self, marker: _Flush) -> None:
-        while not marker.done.wait(0.1) and not self._stopped:
-            pass
 
     # -- the writer thread ---------------------------------------------------------------
 
@@ -268,7 +299,7 @@ class BatchRecorder:
         try:
             sink = self._open_sink()
         except BaseException as exc:
-            self._stopped = True
+            self._settle()
             self._opened.set_exception(exc)
             return
         self._opened.set_result(None)
@@ -277,60 +308,63 @@ class BatchRecorder:
         except BaseException:
             log.exception("%s: the writer thread failed", self.name)
         finally:
-            self._stopped = True
+            self._settle()
             try:
                 sink.close()
             except Exception:
                 log.exception("%s: closing failed", self.name)
 
     def _loop(self, sink: Sink) -> None:
+        while batch := self._next_batch():
+            try:
+                sink.write(batch)
+            except Exception:
+                log.exception(
+                    "%s: writing %d messages failed; they are lost", self.name, len(batch)
+                )
+                failed = True
+            else:
+                failed = False
+            with self._lock:
+                if failed:
+                    self.lost += len(batch)
+                else:
+                    self.written += len(batch)
+                    self.batches += 1
+                self._progress.notify_all()
+
+    def _next_batch(self) -> list[Item]:
+        """Wait for the next batch to write: ``batch_size`` messages, or fewer once the
+        oldest has waited ``flush_interval``, or at once for a flush or when closing.
+        Empty when closing and everything is taken."""
         batch: list[Item] = []
-        due = math.inf  # when the oldest unwritten item must be written
-        while True:
-            try:
-                item = self._queue.get(timeout=max(min(due - time.monotonic(), _EXIT_POLL), 0))
-            except queue.Empty:
-                item = None
-            if item is _STOP or (item is None and not threading.main_thread().is_alive()):
-                # Stop, or the interpreter is exiting without aclose(): write what remains.
-                self._write(sink, batch + self._drain())
-                return
-            if isinstance(item, _Flush):
-                self._write(sink, batch)
-                batch, due = [], math.inf
-                item.done.set()
-                continue
-            if isinstance(item, tuple):
-                if not batch:
-                    due = time.monotonic() + self._flush_interval
-                batch.append(item)
-            if len(batch) >= self._batch_size or (batch and time.monotonic() >= due):
-                self._write(sink, batch)
-                batch, due = [], math.inf
-
-    def _drain(self) -> list[Item]:
-        rest: list[Item] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return rest
-            if isinstance(item, tuple):
-                rest.append(item)
-            elif isinstance(item, _Flush):
-                item.done.set()  # its items are in `rest`, written before the sink closes
-
-    def _write(self, sink: Sink, batch: list[Item]) -> None:
-        if not batch:
-            return
-        try:
-            sink.write(batch)
-        except Exception:
-            self.lost += len(batch)
-            log.exception("%s: writing %d messages failed; they are lost", self.name, len(batch))
-        else:
-            self.written += len(batch)
-            self.batches += 1
+        due = math.inf  # when the oldest message in `batch` must be written
+        size = self._batch_size
+        with self._lock:
+            while True:
+                backlog = self._backlog
+                if backlog and len(batch) < size:
+                    if not batch:
+                        due = time.monotonic() + self._flush_interval
+                    room = size - len(batch)
+                    batch += backlog[:room]
+                    del backlog[:room]
+                    self._progress.notify_all()  # room for a held-back on_message
+                if len(batch) >= size:
+                    return batch
+                if self._closing or self._flush_to > self.written + self.lost:
+                    return batch  # backlog empty: all there is
+                now = time.monotonic()
+                if batch and now >= due:
+                    return batch
+                # Wake on the first message, or when the batch could fill, or the
+                # backlog holds back the bus; else at `due`, or to check for an exit.
+                self._wake_at = 1 if not batch else min(size - len(batch), self._max_pending)
+                notified = self._work.wait(min(due - now, _EXIT_POLL))
+                self._wake_at = _NEVER
+                if not notified and not threading.main_thread().is_alive():
+                    # The interpreter is exiting without aclose(): write what remains.
+                    self._closing = True
 
 
 R = TypeVar("R", bound=BatchRecorder)

@@ -21,11 +21,11 @@ TEXT, booleans INTEGER, and nested values (orderbook units, assets, an object
 can turn it back into the frame it came from.
 
 The write path is :mod:`upbus.plugins.recording`'s, shared with the JSON Lines
-recorder: lossless delivery into a bounded queue, one writer thread that owns the
-database connection and writes one transaction per batch in WAL mode, and
-backpressure instead of loss. The ``upbus_shutdown`` hook closes the store: it
-stops accepting, the writer writes everything accepted, and the database is closed
-before the bus stops.
+recorder: lossless delivery, accepted in one step that no cancellation can split,
+one writer thread that owns the database connection and writes one transaction
+per batch in WAL mode, and backpressure instead of loss. The ``upbus_shutdown``
+hook closes the store: it stops accepting, the writer writes everything accepted,
+and the database is closed before the bus stops.
 """
 
 from __future__ import annotations
