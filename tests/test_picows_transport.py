@@ -209,6 +209,24 @@ async def test_silent_server_times_the_handshake_out_and_cancel_leaves_no_socket
             await ended.wait()
 
 
+@pytest.mark.parametrize("answer", [b"", b"HTTP/1.1 101 Switching"], ids=["nothing", "half"])
+@pytest.mark.anyio
+async def test_a_server_that_hangs_up_during_the_upgrade_is_a_transport_error(
+    answer: bytes,
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        if answer:
+            await peer.stream.send(answer)
+        # Returning closes the socket before the upgrade is answered.
+
+    async with serve(handler) as url, PicowsTransport(trust_env=False) as transport:
+        with anyio.fail_after(WAIT), pytest.raises(TransportError) as caught:
+            await transport.connect(url, {})
+    assert type(caught.value) is TransportError
+    assert url in str(caught.value)
+
+
 @pytest.mark.anyio
 async def test_an_upgrade_completed_after_the_caller_gave_up_is_closed() -> None:
     gave_up = anyio.Event()

@@ -584,7 +584,7 @@ class PicowsTransport:
 
         try:
             with anyio.fail_after(self._handshake_timeout):
-                _transport, listener = await ws_connect(
+                ws_transport, listener = await ws_connect(
                     make_listener,
                     url,
                     extra_headers=dict(headers),
@@ -607,7 +607,13 @@ class PicowsTransport:
             if isinstance(exc, Exception):
                 raise _connect_error(exc, where) from exc
             raise
-        assert isinstance(listener, PicowsConnection)
+        if not isinstance(listener, PicowsConnection):
+            # picows completes "successfully" without a listener when the socket
+            # closed before the upgrade was answered.
+            ws_transport.disconnect(False)
+            raise TransportError(
+                f"cannot connect to {where}: the connection closed before the upgrade was answered"
+            )
         self._connections.add(listener)
         return listener
 
