@@ -26,6 +26,7 @@ from upbus.core.delivery import REPORT_INTERVAL, TRACEBACKS
 from upbus.core.messages import Message, MyOrder, Trade
 from upbus.core.router import Router, Subscriber
 from upbus.core.specs import Wish
+from upbus.core.stall_watch import StallWatch
 from upbus.sim import AccountConfig, SimConfig, Simulator
 
 ACCESS, SECRET = "test-access-key", "test-secret-key-0123456789"
@@ -541,3 +542,62 @@ async def test_bad_overflow_options_change_nothing(sim: Simulator) -> None:
         assert bus.subscriptions.get_public_subscriptions().codes_by_type() == {
             "ticker": {"KRW-BTC"}
         }
+
+
+class BlocksTheLoop:
+    """An async handler that blocks without awaiting, until the bus has said so."""
+
+    def __init__(self, watch: Any) -> None:
+        self.watch = watch
+
+    async def on_message(self, message: Message) -> None:
+        deadline = time.monotonic() + 10
+        while not self.watch.stalls and time.monotonic() < deadline:
+            time.sleep(0.01)  # noqa: ASYNC251 - blocking the loop is the point
+
+
+@pytest.mark.anyio
+async def test_an_async_handler_that_blocks_the_loop_is_named(
+    sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_bus(sim) as bus:
+        blocker = BlocksTheLoop(bus.stall_watch)
+        subscriber = await bus.register_component(blocker, [upbus.trade(QUIET)])
+        bus.router.deliver([trade(QUIET, 1)])
+        await anyio.wait_all_tasks_blocked()
+        assert bus.stall_watch.stalls == 1
+    (warning,) = [r.message for r in caplog.records if "has not turned" in r.message]
+    assert f"in component {subscriber.label}" in warning
+    assert "BlocksTheLoop" not in warning.split(" in component")[0] or "on_message" in warning
+
+
+class Spinner:
+    def __init__(self, watch: StallWatch) -> None:
+        self.watch = watch
+
+    def spin(self) -> None:
+        deadline = time.monotonic() + 10
+        while not self.watch.stalls and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_the_stall_watch_names_the_blocking_code_on_both_backends(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    spinner: Spinner | None = None
+    watch = StallWatch(lambda obj: "the spinner" if obj is spinner else None, threshold=0.3)
+    spinner = Spinner(watch)
+    watch.start()
+    try:
+        await anyio.sleep(0.05)  # a loop that turns is not reported
+        assert watch.stalls == 0
+        spinner.spin()
+        await anyio.sleep(0.05)
+    finally:
+        watch.stop()
+    assert watch.stalls == 1
+    (warning,) = [r.message for r in caplog.records if "has not turned" in r.message]
+    assert "in component the spinner" in warning
+    assert "spin (" in warning or "sleep" in warning

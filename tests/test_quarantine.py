@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 from trio.testing import MockClock
 
+import upbus
 from upbus.core.batcher import PendingTaskBatcher
 from upbus.core.messages import Message
 from upbus.core.quarantine import Key, RequestTracker, describe, entry_keys, wish_key
@@ -744,3 +745,44 @@ async def test_a_connection_that_carries_data_starts_the_back_off_over() -> None
             assert limiter.status()["last_back_off"] == 0.05
         assert bus.metrics["quarantine_decisions"] == 0
         assert not bus.subscriptions.quarantined(Channel.PUBLIC)
+
+
+class _Holder:
+    """A component that iterates its Subscriber."""
+
+
+@pytest.mark.anyio
+async def test_through_the_bus_the_owner_is_told_in_its_stream_and_the_rest_is_served() -> None:
+    config = SimConfig(rate=200.0, reject_codes=frozenset({"KRW-BAD"}))
+    async with Simulator(config) as sim:
+        settings = upbus.Settings(
+            public_url=sim.public_url,
+            debounce=0.02,
+            reconnect={"initial": 0.05, "maximum": 0.5},
+        )
+        async with upbus.Bus(settings) as bus:
+            good, bad = _Holder(), _Holder()
+            good_stream = await bus.register_component(good, upbus.ticker("KRW-BTC"))
+            bad_stream = await bus.register_component(
+                bad, [upbus.ticker("KRW-BAD"), upbus.trade("KRW-ETH")]
+            )
+            with anyio.fail_after(10):
+                rejected = None
+                while rejected is None:
+                    item = await bad_stream.get()
+                    if isinstance(item, upbus.Rejected):
+                        rejected = item
+            assert rejected.wishes == (Wish("ticker", "KRW-BAD"),)
+            assert rejected.channel == "public"
+            assert rejected.detail.startswith("INVALID_PARAM: ")
+            good_stream.take_all()
+            with anyio.fail_after(10):
+                fresh = 0
+                while fresh < 5:  # the others are served again: new data, not a backlog
+                    item = await good_stream.get()
+                    fresh += not isinstance(item, upbus.BusEvent)
+                while (await bad_stream.get()).type != "trade":
+                    pass
+            assert bus.get_connection_metrics()["public"]["quarantine_decisions"] == 1
+            (entry,) = bus.get_subscription_stats()["public"]["quarantined"]
+            assert entry["entry"] == "ticker KRW-BAD"

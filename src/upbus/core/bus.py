@@ -27,7 +27,7 @@ from upbus.core.auth import bearer_headers
 from upbus.core.batcher import Batcher
 from upbus.core.delivery import Delivery
 from upbus.core.errors import BusNotRunning, ComponentError, ConfigError, UpbusError
-from upbus.core.events import ConnectionEvent
+from upbus.core.events import ConnectionEvent, Rejected
 from upbus.core.plugin_manager import PluginManager
 from upbus.core.ratelimit import RollingWindowLimiter
 from upbus.core.router import (
@@ -38,7 +38,8 @@ from upbus.core.router import (
     Subscriber,
     check_overflow,
 )
-from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel, Spec, parse_specs
+from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel, Spec, Wish, parse_specs
+from upbus.core.stall_watch import StallWatch
 from upbus.core.state import StateChange
 from upbus.core.subscriptions import SpecsArg, SubscriptionManager
 from upbus.core.telemetry import get_tracer
@@ -92,6 +93,7 @@ class Bus(AsyncContextManagerMixin):
         self._dead: deque[weakref.ref[Any]] = deque()
         self._on_death = self._dead.append  # one bound method shared by every weakref
         self._delivery = Delivery(self.settings.shutdown_drain)
+        self.stall_watch = StallWatch(self._label_of)
         # "new", then "running", then "closed": a bus runs once.
         self._phase = "new"
         self._connect_limiters: dict[str, RollingWindowLimiter] = {}
@@ -117,6 +119,7 @@ class Bus(AsyncContextManagerMixin):
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 tg.start_soon(self._sweep, name="upbus garbage sweep")
+                self.stall_watch.start()
                 try:
                     async with anyio.create_task_group() as delivery:
                         self._delivery.open(delivery)
@@ -145,6 +148,7 @@ class Bus(AsyncContextManagerMixin):
                             await awaitable
                     tg.cancel_scope.cancel()
         finally:
+            self.stall_watch.stop()
             self._phase = "closed"
             self._task_group = None
             self._delivery.closed()
@@ -191,6 +195,7 @@ class Bus(AsyncContextManagerMixin):
             backpressure=self.router.backpressure,
             on_state=lambda state, detail: self._connection_state(channel, state, detail),
             on_sent=lambda state, size: self.plugins.request_sent(channel, state, size),
+            on_rejected=lambda rejected, detail: self._rejected(channel, rejected, detail),
             headers=headers,
             fmt=settings.format,
             heartbeat_interval=settings.heartbeat_interval,
@@ -238,6 +243,15 @@ class Bus(AsyncContextManagerMixin):
                 _CHANNEL_TYPES[channel], ConnectionEvent(channel.value, state, detail)
             )
         self.plugins.connection_state(channel, state, detail)
+
+    def _rejected(
+        self, channel: Channel, rejected: list[tuple[object, tuple[Wish, ...]]], detail: str
+    ) -> None:
+        # The manager has logged the decision; each owner hears it in its stream.
+        for component, wishes in rejected:
+            subscriber = self._subscribers.get(id(component))
+            if subscriber is not None and _owner(subscriber) is component:
+                subscriber.put(Rejected(channel.value, wishes, detail))
 
     async def _sweep(self) -> None:
         while True:
@@ -365,6 +379,13 @@ class Bus(AsyncContextManagerMixin):
         self.router.remove(subscriber)
         self._delivery.forget(subscriber)
         subscriber.close()
+
+    def _label_of(self, obj: object) -> str | None:
+        # Called from the stall watch's thread: reads only.
+        subscriber = self._subscribers.get(id(obj))
+        if subscriber is None or _owner(subscriber) is not obj:
+            return None
+        return subscriber.label
 
     def _check_private(self, specs: list[Spec]) -> None:
         private = [spec.type for spec in specs if spec.channel is Channel.PRIVATE]

@@ -82,7 +82,7 @@ class RateLimitSettings(BaseModel):
         description="First pause, in seconds, after the exchange reports a limit hit.",
     )
     backoff_max: float = Field(
-        default=60.0, gt=0, description="Longest such pause, in seconds; at least backoff_initial."
+        default=10.0, gt=0, description="Longest such pause, in seconds; at least backoff_initial."
     )
 
     @field_validator("backoff_max")
