@@ -31,8 +31,14 @@ def environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("UPBUS_")}
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_run_and_every_accepted_message_is_stored(tmp_path: Path, stop: int) -> None:
+@pytest.mark.parametrize(
+    "stops",
+    [[signal.SIGTERM], [signal.SIGINT], [signal.SIGTERM, signal.SIGTERM, signal.SIGINT]],
+    ids=["SIGTERM", "SIGINT", "repeated"],
+)
+def test_a_signal_stops_run_and_every_accepted_message_is_stored(
+    tmp_path: Path, stops: list[int]
+) -> None:
     database = tmp_path / "upbus.db"
     process = subprocess.Popen(
         [*UPBUS, "run", "--sim", "--db", str(database), "--status-every", "0.1"],
@@ -51,7 +57,13 @@ def test_a_signal_stops_run_and_every_accepted_message_is_stored(tmp_path: Path,
             found = re.search(r"(\d+) messages", line)
             if found and int(found.group(1)) >= 40:
                 break
-        process.send_signal(stop)
+        process.send_signal(stops[0])
+        if stops[1:]:  # a double Ctrl-C while it stops must not cut the flush short
+            for line in process.stderr:
+                if "upbus: stopping" in line:
+                    break
+            for stop in stops[1:]:
+                process.send_signal(stop)
         out, _err = process.communicate(timeout=30)
     finally:
         process.kill()

@@ -37,8 +37,11 @@ def _run(func: Callable[[], Awaitable[None]]) -> None:
 
     async def guarded() -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signal, tg.cancel_scope)
-            await func()
+            with anyio.CancelScope() as work:
+                # The watcher stays outside the work's scope: a second signal while
+                # the work shuts down (a double Ctrl-C) must not kill the flush.
+                tg.start_soon(_stop_on_signal, work)
+                await func()
             tg.cancel_scope.cancel()
 
     try:
@@ -75,8 +78,13 @@ def _first_user_error(
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _signum in signals:
+            click.echo(
+                "upbus: already stopping (SIGKILL aborts without writing)"
+                if scope.cancel_called
+                else "upbus: stopping",
+                err=True,
+            )
             scope.cancel()
-            return
 
 
 def _settings(**overrides: Any) -> Settings:
