@@ -31,9 +31,10 @@ T = TypeVar("T")
 class BlockingBus(AbstractContextManager["BlockingBus"]):
     """A :class:`Bus` running in a background event loop, driven from synchronous code.
 
-    Arguments are those of :class:`Bus`. Components registered here are called
-    (``on_message``) in the bus's loop thread; to receive in your own thread,
-    iterate the returned :class:`Subscriber` with :meth:`iterate`.
+    Arguments are those of :class:`Bus`. Components registered here are called as
+    on a :class:`Bus`: an ``async def on_message`` in the bus's loop thread, a plain
+    ``def on_message`` in a thread of the component's own. To receive in your own
+    thread, iterate the returned :class:`Subscriber` with :meth:`iterate`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
