@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from decimal import Decimal
 from typing import Any
 
 import anyio
@@ -19,17 +18,16 @@ import pytest
 from factories import make_ticker
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from simbus import ACCESS, SECRET, funded_config, make_bus
 
 import upbus
-from upbus.core.bus import Bus
 from upbus.core.delivery import REPORT_INTERVAL, TRACEBACKS
 from upbus.core.messages import Message, MyOrder, Trade
 from upbus.core.router import Router, Subscriber
 from upbus.core.specs import Wish
 from upbus.core.stall_watch import StallWatch
-from upbus.sim import AccountConfig, SimConfig, Simulator
+from upbus.sim import Simulator
 
-ACCESS, SECRET = "test-access-key", "test-secret-key-0123456789"
 # No simulated market has this code: every message of it is one the test delivers.
 QUIET = "KRW-QUIET"
 
@@ -181,23 +179,8 @@ def test_auto_never_loses_silently(steps: list[tuple[str, str]], capacity: int) 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
-    config = SimConfig(
-        rate=400.0,
-        accounts=(AccountConfig(ACCESS, SECRET, {"KRW": Decimal(10_000_000_000)}),),
-    )
-    async with Simulator(config) as simulator:
+    async with Simulator(funded_config(rate=400.0, funds=10_000_000_000)) as simulator:
         yield simulator
-
-
-def make_bus(sim: Simulator, **overrides: Any) -> Bus:
-    options: dict[str, Any] = {
-        "public_url": sim.public_url,
-        "private_url": sim.private_url,
-        "debounce": 0.02,
-        "reconnect": {"initial": 0.05, "maximum": 0.5},
-    }
-    options.update(overrides)
-    return Bus(upbus.Settings(**options))
 
 
 class Slow:

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable
-from decimal import Decimal
 from typing import Any
 
 import anyio
 import orjson
 import pytest
+from simbus import ACCESS, SECRET, funded_config, make_bus
 
 import upbus
-from upbus.core.bus import Bus
 from upbus.core.messages import Message, MyOrder, Orderbook
 from upbus.core.router import ConnectionEvent
-from upbus.sim import AccountConfig, SimConfig, Simulator
-
-ACCESS, SECRET = "test-access-key", "test-secret-key-0123456789"
+from upbus.sim import Simulator
 
 
 class Recorder:
@@ -60,23 +57,8 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
-    config = SimConfig(
-        rate=200.0,
-        accounts=(AccountConfig(ACCESS, SECRET, {"KRW": Decimal(10_000_000)}),),
-    )
-    async with Simulator(config) as simulator:
+    async with Simulator(funded_config(rate=200.0)) as simulator:
         yield simulator
-
-
-def make_bus(sim: Simulator, **overrides: Any) -> Bus:
-    options: dict[str, Any] = {
-        "public_url": sim.public_url,
-        "private_url": sim.private_url,
-        "debounce": 0.05,
-        "reconnect": {"initial": 0.05, "maximum": 0.5},
-    }
-    options.update(overrides)
-    return Bus(upbus.Settings(**options))
 
 
 @pytest.mark.anyio
