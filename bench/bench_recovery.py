@@ -1,8 +1,8 @@
 """Fault recovery: from a fault to each component's first data message after the reconnect.
 
 Run: ``.venv/bin/python bench/bench_recovery.py`` (``--faults``, ``--transports``,
-``--kinds``, ``--runs``, ``--heartbeat-interval``, ``--heartbeat-timeout``; about 30
-seconds for the defaults, 100 faults on each transport).
+``--kinds``, ``--runs``, ``--heartbeat-interval``, ``--heartbeat-timeout``; about 20
+seconds for the defaults, 100 faults on each transport; ``--runs 3`` about a minute).
 
 The fault cycle of ``tests/test_faults.py``, against the in-process
 :class:`~upbus.sim.Simulator` on 127.0.0.1: one :class:`~upbus.Bus` per transport
