@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from upbus.core.messages import Ticker
+from upbus.core.messages import Ticker, Trade
 
 START_MS = 1_735_689_600_000  # 2025-01-01 00:00:00 UTC
 
@@ -45,4 +45,23 @@ def make_ticker(
         market_state="ACTIVE",
         timestamp=at_ms,
         stream_type=stream_type,
+    )
+
+
+def make_trade(code: str = "KRW-BTC", sequential_id: int = 1) -> Trade:
+    """A realtime trade on ``code``; ``sequential_id`` tells trades apart."""
+    return Trade(
+        code=code,
+        trade_price=1.0,
+        trade_volume=1.0,
+        ask_bid="BID",
+        prev_closing_price=1.0,
+        change="EVEN",
+        change_price=0.0,
+        trade_date="2026-01-01",
+        trade_time="00:00:00",
+        trade_timestamp=START_MS,
+        timestamp=START_MS,
+        sequential_id=sequential_id,
+        stream_type="REALTIME",
     )

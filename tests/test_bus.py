@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import anyio
 import orjson
 import pytest
-from factories import make_ticker
+from factories import make_ticker, make_trade
 
 import upbus
 from upbus.core.bus import Bus
@@ -148,6 +148,19 @@ def test_a_snapshot_only_late_joiner_gets_the_cached_state_as_its_snapshot() -> 
     realtime_only = Subscriber("rt", 8, "drop_oldest")
     router.add(realtime_only, [Wish("ticker", "KRW-BTC", mode=Mode.REALTIME)])
     assert len(realtime_only) == 0  # it wants only what happens from now on
+
+
+def test_re_registering_replays_only_the_keys_a_subscriber_gains() -> None:
+    router = Router()
+    other, mine = Subscriber("other", 8, "auto"), Subscriber("mine", 8, "auto")
+    router.add(other, [Wish("trade", "KRW-BTC"), Wish("ticker", "KRW-ETH")])
+    router.add(mine, [Wish("trade", "KRW-BTC")])
+    router.deliver([make_trade("KRW-BTC", 1), ticker("KRW-ETH", 7)])
+    assert [m.type for m in mine.take_all()] == ["trade"]  # type: ignore[union-attr]
+    # Still wanting the BTC trades: that trade was had already, and is not sent again.
+    router.add(mine, [Wish("trade", "KRW-BTC"), Wish("ticker", "KRW-ETH")])
+    again = mine.take_all()
+    assert [(m.type, m.code) for m in again] == [("ticker", "KRW-ETH")]  # type: ignore[union-attr]
 
 
 # -- through the bus and the simulator ------------------------------------------------------

@@ -15,14 +15,14 @@ from typing import Any
 
 import anyio
 import pytest
-from factories import make_ticker
+from factories import make_ticker, make_trade
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from simbus import ACCESS, SECRET, funded_config, make_bus
 
 import upbus
 from upbus.core.delivery import REPORT_INTERVAL, TRACEBACKS
-from upbus.core.messages import Message, MyOrder, Trade
+from upbus.core.messages import Message, MyOrder
 from upbus.core.router import Router, Subscriber
 from upbus.core.specs import Wish
 from upbus.core.stall_watch import StallWatch
@@ -30,24 +30,6 @@ from upbus.sim import Simulator
 
 # No simulated market has this code: every message of it is one the test delivers.
 QUIET = "KRW-QUIET"
-
-
-def trade(code: str, sequential_id: int) -> Trade:
-    return Trade(
-        code=code,
-        trade_price=1.0,
-        trade_volume=1.0,
-        ask_bid="BID",
-        prev_closing_price=1.0,
-        change="EVEN",
-        change_price=0.0,
-        trade_date="2026-01-01",
-        trade_time="00:00:00",
-        trade_timestamp=1,
-        timestamp=1,
-        sequential_id=sequential_id,
-        stream_type="REALTIME",
-    )
 
 
 def order(code: str, number: int) -> MyOrder:
@@ -74,7 +56,7 @@ def test_auto_conflates_state_streams_keeps_trades_in_order_and_never_drops_orde
     )
     router.deliver([make_ticker(price, code="KRW-BTC") for price in (1, 2, 3)])
     router.deliver([order("KRW-BTC", n) for n in range(5)])
-    router.deliver([trade("KRW-BTC", n) for n in range(4)])
+    router.deliver([make_trade("KRW-BTC", n) for n in range(4)])
     taken = subscriber.take_all()
     # Dropped first: of the four trades, the oldest three went to make room (the
     # buffer already held the ticker key and five orders, over its capacity of 3).
@@ -88,17 +70,17 @@ def test_auto_conflates_state_streams_keeps_trades_in_order_and_never_drops_orde
 def test_a_dropped_event_counts_each_key_and_resets_once_taken() -> None:
     subscriber = Subscriber("s", 2, "drop_oldest")
     for n in range(3):
-        subscriber.put(trade("KRW-BTC", n))
-        subscriber.put(trade("KRW-ETH", n))
+        subscriber.put(make_trade("KRW-BTC", n))
+        subscriber.put(make_trade("KRW-ETH", n))
     first = subscriber.take()
     assert first == upbus.Dropped(4, (("trade", "KRW-BTC", 2), ("trade", "KRW-ETH", 2)))
-    assert subscriber.take() == trade("KRW-BTC", 2)
-    subscriber.put(trade("KRW-XRP", 0))
-    subscriber.put(trade("KRW-XRP", 1))  # full: KRW-ETH 2 goes
+    assert subscriber.take() == make_trade("KRW-BTC", 2)
+    subscriber.put(make_trade("KRW-XRP", 0))
+    subscriber.put(make_trade("KRW-XRP", 1))  # full: KRW-ETH 2 goes
     assert subscriber.take() == upbus.Dropped(1, (("trade", "KRW-ETH", 1),))
     assert [subscriber.take(), subscriber.take(), subscriber.take()] == [
-        trade("KRW-XRP", 0),
-        trade("KRW-XRP", 1),
+        make_trade("KRW-XRP", 0),
+        make_trade("KRW-XRP", 1),
         None,
     ]
     assert subscriber.take_unreported() == {("trade", "KRW-BTC"): 2, ("trade", "KRW-ETH"): 3}
@@ -110,9 +92,9 @@ def test_drop_oldest_never_drops_a_connection_event() -> None:
     gap = upbus.ConnectionEvent("public", "gap", "lost")
     subscriber.put(gap)
     for n in range(4):
-        subscriber.put(trade("KRW-BTC", n))
+        subscriber.put(make_trade("KRW-BTC", n))
     items = subscriber.take_all()
-    assert items == [upbus.Dropped(3, (("trade", "KRW-BTC", 3),)), gap, trade("KRW-BTC", 3)]
+    assert items == [upbus.Dropped(3, (("trade", "KRW-BTC", 3),)), gap, make_trade("KRW-BTC", 3)]
 
 
 # One step of a schedule: offer a message of a kind, or the consumer takes one item.
@@ -142,7 +124,7 @@ def test_auto_never_loses_silently(steps: list[tuple[str, str]], capacity: int) 
             continue
         message: Message
         if kind == "trade":
-            message = trade(code, number)
+            message = make_trade(code, number)
         elif kind == "myOrder":
             message = order(code, number)
         else:
@@ -414,7 +396,7 @@ async def test_a_failing_component_logs_a_few_tracebacks_then_a_count(
         failing = kind()
         subscriber = await bus.register_component(failing, [upbus.trade(QUIET)])
         for n in range(50):
-            bus.router.deliver([trade(QUIET, n)])  # as the receive loop does
+            bus.router.deliver([make_trade(QUIET, n)])  # as the receive loop does
             await anyio.wait_all_tasks_blocked()
         assert await anyio.to_thread.run_sync(failing.fifty.wait, 5)
         assert failing.calls == 50
@@ -439,10 +421,10 @@ async def test_drops_are_warned_once_per_interval_per_component(
         subscriber = await bus.register_component(
             holder, [upbus.trade(QUIET)], overflow="drop_oldest", capacity=2
         )
-        bus.router.deliver([trade(QUIET, n) for n in range(10)])
+        bus.router.deliver([make_trade(QUIET, n) for n in range(10)])
         now = time.monotonic()
         bus._delivery.report([subscriber], now=now)
-        bus.router.deliver([trade(QUIET, n) for n in range(10, 15)])
+        bus.router.deliver([make_trade(QUIET, n) for n in range(10, 15)])
         bus._delivery.report([subscriber], now=now + 1)  # within the interval: quiet
         warnings = [r.message for r in caplog.records if "dropped" in r.message]
         assert len(warnings) == 1
@@ -485,7 +467,7 @@ async def test_on_event_gets_every_event_and_on_connection_state_only_connection
                 component, [upbus.trade(QUIET)], overflow="drop_oldest", capacity=1
             )
         bus.router.broadcast(frozenset({"trade"}), upbus.ConnectionEvent("public", "gap", "test"))
-        bus.router.deliver([trade(QUIET, n) for n in range(3)])
+        bus.router.deliver([make_trade(QUIET, n) for n in range(3)])
         await anyio.wait_all_tasks_blocked()
     assert "gap" in plain.states  # connection events only: nothing else has a state
     assert full.states == []  # on_event takes precedence
@@ -546,7 +528,7 @@ async def test_an_async_handler_that_blocks_the_loop_is_named(
     async with make_bus(sim) as bus:
         blocker = BlocksTheLoop(bus.stall_watch)
         subscriber = await bus.register_component(blocker, [upbus.trade(QUIET)])
-        bus.router.deliver([trade(QUIET, 1)])
+        bus.router.deliver([make_trade(QUIET, 1)])
         await anyio.wait_all_tasks_blocked()
         assert bus.stall_watch.stalls == 1
     (warning,) = [r.message for r in caplog.records if "has not turned" in r.message]

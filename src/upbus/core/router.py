@@ -507,7 +507,13 @@ class Router:
         self.unrouted = 0
 
     def add(self, subscriber: Subscriber, wishes: Iterable[Wish]) -> None:
-        """Route ``wishes`` to ``subscriber`` (replacing what it had) and replay cached values."""
+        """Route ``wishes`` to ``subscriber`` (replacing what it had) and replay cached values.
+
+        Only a key the subscriber gains (or wants differently) is replayed: one it
+        keeps as it was already had that message, and a trade consumer would count
+        it twice.
+        """
+        before = dict(subscriber.wishes)
         self.remove(subscriber)
         by_key: dict[_Key, list[Wish]] = {}
         for wish in wishes:
@@ -530,7 +536,7 @@ class Router:
                 route.offers.append(offer)
             else:
                 route.narrowing.append((subscriber, key_wishes, offer))
-            if not fresh:
+            if not fresh and before.get((kind, code)) != key_wishes:
                 self._replay(subscriber, route, key_wishes)
 
     def _replay(self, subscriber: Subscriber, route: _Route, wishes: tuple[Wish, ...]) -> None:
