@@ -340,8 +340,10 @@ class Stuck:
     def __init__(self) -> None:
         self.release = threading.Event()
         self.entered = threading.Event()
+        self.calls = 0
 
     def on_message(self, message: Message) -> None:
+        self.calls += 1
         self.entered.set()
         self.release.wait(30)
 
@@ -354,14 +356,21 @@ async def test_shutdown_ends_within_the_drain_limit_and_names_a_stuck_component(
     try:
         with anyio.fail_after(8):
             async with make_bus(sim, shutdown_drain=0.5) as bus:
-                await bus.register_component(stuck, [upbus.trade("KRW-BTC")])
-                await anyio.to_thread.run_sync(stuck.entered.wait, 5)
-                assert stuck.entered.is_set()
+                await bus.register_component(stuck, [upbus.trade(QUIET)])
+                bus.router.deliver([make_trade(QUIET, n) for n in range(10)])  # one batch
+                assert await anyio.to_thread.run_sync(stuck.entered.wait, 5)
+                bus.router.deliver([make_trade(QUIET, n) for n in range(10, 15)])  # buffered
                 label = bus.get_subscription_stats()["subscribers"][0]["subscriber"]
+        (handler,) = [t for t in threading.enumerate() if t.name == f"upbus handler {label}"]
     finally:
         stuck.release.set()
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and label in r.message]
-    assert any("shutdown drain limit (0.5s)" in r.message for r in warnings)
+    # Stopped between two items: the handler is not called after the bus has stopped.
+    await anyio.to_thread.run_sync(handler.join, 5)
+    assert not handler.is_alive()
+    assert stuck.calls == 1
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    (drained,) = [w for w in warnings if label in w and "drain limit" in w]
+    assert "shutdown drain limit (0.5s) ran out; 14 item(s) were not handled" in drained
 
 
 class Failing:
@@ -566,3 +575,36 @@ async def test_the_stall_watch_names_the_blocking_code_on_both_backends(
     (warning,) = [r.message for r in caplog.records if "has not turned" in r.message]
     assert "in component the spinner" in warning
     assert "spin (" in warning or "sleep" in warning
+
+
+class Busy:
+    """An async handler that never awaits."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def on_message(self, message: Message) -> None:
+        self.calls += 1
+
+
+class Watching:
+    def __init__(self, busy: Busy) -> None:
+        self.busy = busy
+        self.saw: list[int] = []
+
+    async def on_message(self, message: Message) -> None:
+        self.saw.append(self.busy.calls)
+
+
+@pytest.mark.anyio
+async def test_an_async_handler_that_never_awaits_still_lets_others_run(sim: Simulator) -> None:
+    async with make_bus(sim) as bus:
+        busy = Busy()
+        watching = Watching(busy)
+        await bus.register_component(busy, [upbus.trade(QUIET)])
+        await bus.register_component(watching, [upbus.trade(QUIET)])
+        bus.router.deliver([make_trade(QUIET, n) for n in range(1000)])
+        await anyio.wait_all_tasks_blocked()
+    assert busy.calls == 1000
+    assert len(watching.saw) == 1000
+    assert watching.saw[0] < 1000  # it ran while the busy one still had work

@@ -47,7 +47,19 @@ TRACEBACKS = 3
 # At most one warning per component and kind of trouble in this many seconds.
 REPORT_INTERVAL = 10.0
 
+# An async handler that never awaits gives the loop a turn this often.
+_YIELD_EVERY = 64
+
 _Handler = Callable[[Any], object]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Items a handler thread works through; ``stopped`` makes it stop between two."""
+
+    items: list[Item]
+    done: int = 0  # items started
+    stopped: bool = False
 
 
 @dataclass(slots=True)
@@ -124,6 +136,7 @@ class Delivery:
     async def _drive(self, subscriber: Subscriber) -> None:
         """Call the component's handlers for what its buffer holds, until it goes idle."""
         thread: HandlerThread | None = None
+        batch: _Batch | None = None  # what the handler thread works through now
         try:
             while True:
                 component = _owner(subscriber)
@@ -133,18 +146,25 @@ class Delivery:
                 on_event = _event_handler(component)
                 del component  # held only while there is work, not while parked
                 if inspect.iscoroutinefunction(on_message):
+                    taken = 0
                     while (item := subscriber.take()) is not None:
                         await self._call(subscriber, item, on_message, on_event)
+                        taken += 1
+                        if not taken % _YIELD_EVERY:
+                            # A handler that never awaits must still let others run.
+                            await anyio.lowlevel.checkpoint()
                 else:
                     if thread is None:
                         thread = HandlerThread(f"upbus handler {subscriber.label}")
                     token = anyio.lowlevel.current_token()
                     while items := subscriber.take_all():
+                        batch = _Batch(items)
                         await thread.run(
                             partial(
-                                self._call_plain, subscriber, items, on_message, on_event, token
+                                self._call_plain, subscriber, batch, on_message, on_event, token
                             )
                         )
+                        batch = None
                 del on_message, on_event
                 if subscriber.closed:
                     return
@@ -155,13 +175,18 @@ class Delivery:
                         return
                     self._driven[subscriber] = subscriber.delivered
         except anyio.get_cancelled_exc_class():
+            left = len(subscriber)
+            if batch is not None:
+                # The thread finishes the call it is in, and takes no further item.
+                batch.stopped = True
+                left += len(batch.items) - batch.done
             if self._stopping:
                 log.warning(
                     "component %s was still handling messages when the shutdown drain "
-                    "limit (%gs) ran out; %d buffered item(s) were not delivered",
+                    "limit (%gs) ran out; %d item(s) were not handled",
                     subscriber.label,
                     self.drain,
-                    len(subscriber),
+                    left,
                 )
             raise
         finally:
@@ -192,13 +217,16 @@ class Delivery:
     def _call_plain(
         self,
         subscriber: Subscriber,
-        items: list[Item],
+        batch: _Batch,
         on_message: _Handler,
         on_event: Callable[[BusEvent], object] | None,
         token: anyio.lowlevel.EventLoopToken,
     ) -> None:
         # In the component's own thread.
-        for item in items:
+        for item in batch.items:
+            if batch.stopped:
+                return
+            batch.done += 1
             try:
                 if isinstance(item, BusEvent):
                     if on_event is None or not _wants(on_event, item):
