@@ -36,8 +36,8 @@ from typing import Any
 import anyio
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.specs import Spec, ticker, trade
+from upbus.core._bus import Bus
+from upbus.core.subscriptions._specs import Spec, ticker, trade
 from upbus.sim import SimConfig, Simulator
 from upbus.sim.markets import MARKETS
 

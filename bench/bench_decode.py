@@ -24,8 +24,8 @@ import timeit
 import msgspec
 import orjson
 
-from upbus.core.codec import SIMPLE_NAMES, FrameDecoder
-from upbus.core.messages import (
+from upbus.core.wire._codec import SIMPLE_NAMES, FrameDecoder
+from upbus.core.wire._messages import (
     Asset,
     Candle,
     MyAsset,

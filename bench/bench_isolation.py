@@ -65,9 +65,9 @@ import anyio
 import anyio.to_thread
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.events import ConnectionEvent, Rejected
-from upbus.core.specs import Spec, ticker, trade
+from upbus.core._bus import Bus
+from upbus.core.delivery._events import ConnectionEvent, Rejected
+from upbus.core.subscriptions._specs import Spec, ticker, trade
 from upbus.sim import SimConfig, Simulator
 from upbus.sim.markets import POPULAR
 

@@ -66,10 +66,10 @@ from wsproto.events import (
 )
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.hookspecs import hookimpl
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.specs import Channel, Spec, ticker, trade
+from upbus.core._bus import Bus
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.subscriptions._specs import Channel, Spec, ticker, trade
 from upbus.plugins.picows_transport import picows_installed
 from upbus.sim.encode import encode_frame
 from upbus.sim.market import Market

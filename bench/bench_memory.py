@@ -46,9 +46,9 @@ from typing import Any
 import anyio
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.specs import ticker
+from upbus.core._bus import Bus
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.subscriptions._specs import ticker
 from upbus.plugins.picows_transport import picows_installed
 from upbus.settings import ReconnectSettings
 from upbus.sim.markets import MARKETS

@@ -20,9 +20,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from upbus.core.merge import RefCountMerger
-from upbus.core.specs import Channel, Spec, candle, orderbook, ticker, trade
-from upbus.core.subscriptions import SubscriptionManager
+from upbus.core.subscriptions._manager import SubscriptionManager
+from upbus.core.subscriptions._merge import RefCountMerger
+from upbus.core.subscriptions._specs import Channel, Spec, candle, orderbook, ticker, trade
 
 # About as many KRW markets as the exchange lists.
 CODES = [f"KRW-C{i:03d}" for i in range(250)]

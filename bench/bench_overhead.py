@@ -43,13 +43,13 @@ import anyio.lowlevel
 import orjson
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.codec import FrameDecoder
-from upbus.core.hookspecs import hookimpl
-from upbus.core.messages import Message
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.router import Router, Subscriber
-from upbus.core.specs import Channel, Spec, ticker, trade
+from upbus.core._bus import Bus
+from upbus.core.delivery._router import Router, Subscriber
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.subscriptions._specs import Channel, Spec, ticker, trade
+from upbus.core.wire._codec import FrameDecoder
+from upbus.core.wire._messages import Message
 from upbus.sim.encode import encode_frame
 from upbus.sim.market import Market
 from upbus.sim.markets import POPULAR

@@ -53,8 +53,8 @@ from typing import Any
 import anyio
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.specs import Spec
+from upbus.core._bus import Bus
+from upbus.core.subscriptions._specs import Spec
 from upbus.plugins.picows_transport import picows_installed
 from upbus.sim import SimConfig, Simulator
 

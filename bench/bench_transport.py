@@ -7,12 +7,12 @@ process counts client CPU only): a plain blocking socket that answers the upgrad
 then writes N prebuilt ~300-byte binary ticker frames as fast as the socket takes
 them. The clients, all on asyncio, each decoding every message with ``orjson.loads``:
 
-* ``A upbus``: :class:`upbus.core.wsconn.HttpxWsTransport`, ``receive_batch`` loop;
+* ``A upbus``: :class:`upbus.core.wire._httpx.HttpxWsTransport`, ``receive_batch`` loop;
 * ``B websockets``: ``websockets.asyncio.client.connect``, ``async for``;
 * ``C httpx-ws``: ``httpx_ws.aconnect_ws`` and ``receive()`` per message;
 * ``D wsproto``: an httpx upgrade and every frame through ``wsproto.Connection`` in
   a plain loop (what upbus's transport does minus its fast path for data frames);
-* ``E upbus-picows``: :class:`upbus.core.picows_conn.PicowsTransport` (the ``picows``
+* ``E upbus-picows``: :class:`upbus.core.wire._picows.PicowsTransport` (the ``picows``
   plugin), ``receive_batch`` loop, as A;
 * ``F picows-min``: the least a picows client can do: ``orjson.loads`` on a
   memoryview of each binary frame inside picows's ``on_ws_frame`` callback.
@@ -49,7 +49,7 @@ import wsproto.connection
 import wsproto.events
 from websockets.asyncio.client import connect as websockets_connect
 
-from upbus.core.wsconn import HttpxWsTransport
+from upbus.core.wire._httpx import HttpxWsTransport
 
 try:
     import picows
@@ -221,7 +221,7 @@ async def client_wsproto_loop(url: str, n: int) -> Result:
 
 
 async def client_upbus_picows(url: str, n: int) -> Result:
-    from upbus.core.picows_conn import PicowsTransport
+    from upbus.core.wire._picows import PicowsTransport
 
     async with PicowsTransport(trust_env=False) as transport:
         conn = await transport.connect(url, {})

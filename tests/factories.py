@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from upbus.core.messages import Ticker, Trade
+from upbus.core.wire._messages import Ticker, Trade
 
 START_MS = 1_735_689_600_000  # 2025-01-01 00:00:00 UTC
 

@@ -20,11 +20,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from trio.testing import MockClock
 
-from upbus.core.batcher import PendingTaskBatcher
-from upbus.core.ratelimit import RollingWindowLimiter
-from upbus.core.specs import Channel, Spec, orderbook, ticker, trade
-from upbus.core.state import MergedState
-from upbus.core.subscriptions import SubscriptionManager
+from upbus.core.sending._batcher import PendingTaskBatcher
+from upbus.core.sending._ratelimit import RollingWindowLimiter
+from upbus.core.subscriptions._manager import SubscriptionManager
+from upbus.core.subscriptions._specs import Channel, Spec, orderbook, ticker, trade
+from upbus.core.subscriptions._state import MergedState
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ import pytest
 from factories import make_ticker, make_trade
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.codec import FrameDecoder
-from upbus.core.hookspecs import hookimpl
-from upbus.core.messages import Message, Orderbook, Ticker
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.router import ConnectionEvent, Router, Subscriber
-from upbus.core.specs import Mode, Wish
+from upbus.core._bus import Bus
+from upbus.core.delivery._router import ConnectionEvent, Router, Subscriber
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.subscriptions._specs import Mode, Wish
+from upbus.core.wire._codec import FrameDecoder
+from upbus.core.wire._messages import Message, Orderbook, Ticker
 from upbus.sim import SimConfig, Simulator
 
 DECODE = FrameDecoder().decode

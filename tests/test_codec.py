@@ -1,4 +1,4 @@
-"""Tests of upbus.core.codec and upbus.core.messages against the recorded Upbit samples.
+"""Tests of upbus.core.wire._codec and upbus.core.wire._messages against the recorded Upbit samples.
 
 Every server message in the samples directory is decoded from its exact source text:
 the sample files are parsed with a loader that keeps each number token as written, and
@@ -25,15 +25,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from upbit_samples import SAMPLES, needs_samples
 
-from upbus.core.codec import (
+from upbus.core._errors import FrameDecodeError, SpecError, UpbusError
+from upbus.core.wire._codec import (
     FrameDecoder,
     encode_list_subscriptions,
     encode_request,
     new_ticket,
     to_default_dict,
 )
-from upbus.core.errors import FrameDecodeError, SpecError, UpbusError
-from upbus.core.messages import (
+from upbus.core.wire._messages import (
     CANDLE_TYPES,
     DATA_TYPES,
     MESSAGE_CLASSES,

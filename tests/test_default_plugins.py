@@ -7,12 +7,12 @@ import types
 import pytest
 
 import upbus
-from upbus.core.batcher import PendingTaskBatcher
-from upbus.core.merge import RefCountMerger
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.specs import Channel
-from upbus.core.state import MergedState
-from upbus.core.subscriptions import SubscriptionManager
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.sending._batcher import PendingTaskBatcher
+from upbus.core.subscriptions._manager import SubscriptionManager
+from upbus.core.subscriptions._merge import RefCountMerger
+from upbus.core.subscriptions._specs import Channel
+from upbus.core.subscriptions._state import MergedState
 from upbus.settings import Settings
 
 

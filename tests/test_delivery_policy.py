@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from simbus import ACCESS, SECRET, funded_config, make_bus
 
 import upbus
-from upbus.core.delivery import REPORT_INTERVAL, TRACEBACKS
-from upbus.core.messages import Message, MyOrder
-from upbus.core.router import Router, Subscriber
-from upbus.core.specs import Wish
-from upbus.core.stall_watch import StallWatch
+from upbus.core.delivery._router import Router, Subscriber
+from upbus.core.delivery._scheduler import REPORT_INTERVAL, TRACEBACKS
+from upbus.core.delivery._stall_watch import StallWatch
+from upbus.core.subscriptions._specs import Wish
+from upbus.core.wire._messages import Message, MyOrder
 from upbus.sim import Simulator
 
 # No simulated market has this code: every message of it is one the test delivers.

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import upbus
-from upbus.core.plugin_manager import PluginManager
+from upbus.core.hooks._manager import PluginManager
 from upbus.sim import SimConfig, Simulator
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "upbus-spread-monitor"

@@ -42,9 +42,9 @@ import anyio.lowlevel
 import pytest
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.router import Overflow
-from upbus.core.specs import Spec
+from upbus.core._bus import Bus
+from upbus.core.delivery._router import Overflow
+from upbus.core.subscriptions._specs import Spec
 from upbus.sim import SimConfig, Simulator
 from upbus.sim.protocol import Subscribe
 from upbus.sim.records import ConnectionRecord

@@ -26,17 +26,17 @@ import pytest
 from test_codec import ALL, UNREPRESENTABLE, dump_raw
 from upbit_samples import needs_samples
 
-from upbus.core.codec import FORMATS, FrameDecoder
-from upbus.core.errors import FrameDecodeError
-from upbus.core.messages import (
+from upbus.core._errors import FrameDecodeError
+from upbus.core.wire._codec import FORMATS, FrameDecoder
+from upbus.core.wire._httpx import HttpxWsTransport, accept_token
+from upbus.core.wire._messages import (
     MESSAGE_CLASSES,
     ErrorMessage,
     Status,
     SubscriptionList,
 )
-from upbus.core.picows_conn import PicowsTransport
-from upbus.core.transport import Connection, ConnectionClosed
-from upbus.core.wsconn import HttpxWsTransport, accept_token
+from upbus.core.wire._picows import PicowsTransport
+from upbus.core.wire._transport import Connection, ConnectionClosed
 from upbus.sim.encode import encode_error, encode_frame, encode_status
 from upbus.sim.feed import Feed
 from upbus.sim.market import Market

@@ -25,11 +25,11 @@ from test_transport import WAIT, Handler, Peer, serve
 from wsproto.events import BytesMessage, CloseConnection, Ping
 
 import upbus
-from upbus.core.messages import Trade
-from upbus.core.picows_conn import PicowsConnection, PicowsTransport
-from upbus.core.router import ConnectionEvent, Subscriber
-from upbus.core.transport import ConnectionClosed
-from upbus.core.wsconn import HttpxWsTransport, WsConnection
+from upbus.core.delivery._router import ConnectionEvent, Subscriber
+from upbus.core.wire._httpx import HttpxWsTransport, WsConnection
+from upbus.core.wire._messages import Trade
+from upbus.core.wire._picows import PicowsConnection, PicowsTransport
+from upbus.core.wire._transport import ConnectionClosed
 from upbus.sim import SimConfig, Simulator
 
 TRANSPORTS = pytest.mark.parametrize("transport", ["httpx", "picows"])

@@ -33,18 +33,18 @@ from wsproto.events import (
 )
 
 import upbus
-from upbus.core.messages import Ticker
-from upbus.core.picows_conn import PicowsConnection, PicowsTransport, proxy_from_environment
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.specs import Channel
-from upbus.core.transport import (
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.subscriptions._specs import Channel
+from upbus.core.wire._httpx import HttpxWsTransport
+from upbus.core.wire._messages import Ticker
+from upbus.core.wire._picows import PicowsConnection, PicowsTransport, proxy_from_environment
+from upbus.core.wire._transport import (
     Connection,
     ConnectionClosed,
     HandshakeRejected,
     Transport,
     TransportError,
 )
-from upbus.core.wsconn import HttpxWsTransport
 from upbus.plugins import picows_transport
 from upbus.plugins.replay import ReplayTransport
 from upbus.sim import SimConfig, Simulator
@@ -856,9 +856,9 @@ import sys
 sys.modules["picows"] = None  # import picows now raises ImportError
 import asyncio
 import upbus
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.specs import Channel
-from upbus.core.wsconn import HttpxWsTransport
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.subscriptions._specs import Channel
+from upbus.core.wire._httpx import HttpxWsTransport
 
 async def main():
     settings = upbus.Settings()
@@ -872,7 +872,7 @@ async def main():
         manager.make_transport(Channel.PUBLIC, settings)
     except upbus.ConfigError as exc:
         print(exc)
-    assert "upbus.core.picows_conn" not in sys.modules
+    assert "upbus.core.wire._picows" not in sys.modules
 
 asyncio.run(main())
 """

@@ -19,16 +19,16 @@ from typing import Any
 
 import pytest
 
-from upbus.core.errors import PluginError, PluginLoadError
-from upbus.core.hookspecs import hookimpl
-from upbus.core.merge import RefCountMerger
-from upbus.core.plugin_manager import PluginInfo, PluginManager
-from upbus.core.specs import Channel
+from upbus.core._errors import PluginError, PluginLoadError
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.hooks._manager import PluginInfo, PluginManager
+from upbus.core.subscriptions._merge import RefCountMerger
+from upbus.core.subscriptions._specs import Channel
 from upbus.settings import Settings, load_settings
 
 PLUGIN_MODULES = {
     "upbus_testplugin_ok": '''
-        from upbus.core.hookspecs import hookimpl
+        from upbus.core.hooks._hookspecs import hookimpl
 
 
         class MarkerMerger:
@@ -55,7 +55,7 @@ PLUGIN_MODULES = {
         def upbus_make_merger(channel, settings:
     """,
     "upbus_testplugin_badsig": """
-        from upbus.core.hookspecs import hookimpl
+        from upbus.core.hooks._hookspecs import hookimpl
 
 
         @hookimpl
@@ -63,7 +63,7 @@ PLUGIN_MODULES = {
             return None
     """,
     "upbus_testplugin_unknown": """
-        from upbus.core.hookspecs import hookimpl
+        from upbus.core.hooks._hookspecs import hookimpl
 
 
         @hookimpl
@@ -76,7 +76,7 @@ PLUGIN_MODULES = {
             return [(object(), "from a plugin that should have been unregistered")]
     """,
     "upbus_testplugin_async": """
-        from upbus.core.hookspecs import hookimpl
+        from upbus.core.hooks._hookspecs import hookimpl
 
 
         @hookimpl

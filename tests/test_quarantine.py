@@ -30,19 +30,28 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from trio.testing import MockClock
 
 import upbus
-from upbus.core.batcher import PendingTaskBatcher
-from upbus.core.messages import Message
-from upbus.core.quarantine import Key, RequestTracker, describe, entry_keys, wish_key
-from upbus.core.ratelimit import (
+from upbus.core._connection import WebSocketManager
+from upbus.core.sending._batcher import PendingTaskBatcher
+from upbus.core.sending._ratelimit import (
     RollingWindowLimiter,
     upbit_connect_limiter,
     upbit_message_limiter,
 )
-from upbus.core.specs import Channel, Spec, Wish, my_asset, my_order, orderbook, ticker, trade
-from upbus.core.state import StateChange
-from upbus.core.subscriptions import SubscriptionManager
-from upbus.core.websocket import WebSocketManager
-from upbus.core.wsconn import HttpxWsTransport
+from upbus.core.subscriptions._manager import SubscriptionManager
+from upbus.core.subscriptions._quarantine import Key, RequestTracker, describe, entry_keys, wish_key
+from upbus.core.subscriptions._specs import (
+    Channel,
+    Spec,
+    Wish,
+    my_asset,
+    my_order,
+    orderbook,
+    ticker,
+    trade,
+)
+from upbus.core.subscriptions._state import StateChange
+from upbus.core.wire._httpx import HttpxWsTransport
+from upbus.core.wire._messages import Message
 from upbus.sim import SimConfig, Simulator
 
 

@@ -1,4 +1,4 @@
-"""Tests for upbus.core.ratelimit.
+"""Tests for upbus.core.sending._ratelimit.
 
 The synchronous tests drive the limiter with explicit times. The async tests run on
 trio with ``MockClock(autojump_threshold=0)``: virtual time jumps to the next
@@ -18,8 +18,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from upbus.core.errors import LimiterWaitExpired
-from upbus.core.ratelimit import (
+from upbus.core._errors import LimiterWaitExpired
+from upbus.core.sending._ratelimit import (
     DEFAULT_MARGIN,
     RollingWindowLimiter,
     upbit_connect_limiter,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from upbus.core.errors import ConfigError
+from upbus.core._errors import ConfigError
 from upbus.settings import (
     RateLimitSettings,
     ReconnectSettings,

@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from upbus.core.errors import ConfigError
+from upbus.core._errors import ConfigError
 from upbus.sim import SimConfig, Simulator
 from upbus.sim.cli import build_parser
 from upbus.sim.flood import binary_frame, build_ring

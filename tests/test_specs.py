@@ -8,10 +8,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from upbus.core.codec import encode_request
-from upbus.core.errors import SpecError
-from upbus.core.merge import RefCountMerger
-from upbus.core.specs import (
+from upbus.core._errors import SpecError
+from upbus.core.subscriptions._merge import RefCountMerger
+from upbus.core.subscriptions._specs import (
     Channel,
     Mode,
     Spec,
@@ -24,6 +23,7 @@ from upbus.core.specs import (
     ticker,
     trade,
 )
+from upbus.core.wire._codec import encode_request
 from upbus.sim.protocol import Subscribe, parse_request
 
 

@@ -11,10 +11,19 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from upbus.core.errors import ComponentError, SpecError
-from upbus.core.specs import Channel, Spec, candle, my_asset, my_order, orderbook, ticker, trade
-from upbus.core.state import StateChange, WireEntry
-from upbus.core.subscriptions import SubscriptionManager
+from upbus.core._errors import ComponentError, SpecError
+from upbus.core.subscriptions._manager import SubscriptionManager
+from upbus.core.subscriptions._specs import (
+    Channel,
+    Spec,
+    candle,
+    my_asset,
+    my_order,
+    orderbook,
+    ticker,
+    trade,
+)
+from upbus.core.subscriptions._state import StateChange, WireEntry
 
 
 class Component:

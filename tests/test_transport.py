@@ -40,16 +40,16 @@ from wsproto.events import (
     TextMessage,
 )
 
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.specs import Channel
-from upbus.core.transport import (
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.subscriptions._specs import Channel
+from upbus.core.wire._httpx import HttpxWsTransport, WsConnection, accept_token, safe_url
+from upbus.core.wire._transport import (
     Connection,
     ConnectionClosed,
     HandshakeRejected,
     Transport,
     TransportError,
 )
-from upbus.core.wsconn import HttpxWsTransport, WsConnection, accept_token, safe_url
 from upbus.settings import load_settings
 
 WAIT = 5.0  # bound on every wait that should succeed

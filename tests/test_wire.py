@@ -12,8 +12,8 @@ import pytest
 from simbus import ACCESS, SECRET, funded_config, make_bus
 
 import upbus
-from upbus.core.messages import Message, MyOrder, Orderbook
-from upbus.core.router import ConnectionEvent
+from upbus.core.delivery._router import ConnectionEvent
+from upbus.core.wire._messages import Message, MyOrder, Orderbook
 from upbus.sim import Simulator
 
 

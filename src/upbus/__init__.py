@@ -15,10 +15,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from upbus.core.batcher import PendingTaskBatcher
-from upbus.core.blocking import BlockingBus
-from upbus.core.bus import Bus
-from upbus.core.errors import (
+from upbus.core._blocking import BlockingBus
+from upbus.core._bus import Bus
+from upbus.core._errors import (
     BusNotRunning,
     ComponentError,
     ConfigError,
@@ -28,12 +27,14 @@ from upbus.core.errors import (
     SpecError,
     UpbusError,
 )
-from upbus.core.events import BusEvent, ConnectionEvent, Dropped, Rejected
-from upbus.core.hookspecs import hookimpl
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.ratelimit import RollingWindowLimiter
-from upbus.core.router import Subscriber
-from upbus.core.specs import (
+from upbus.core.delivery._events import BusEvent, ConnectionEvent, Dropped, Rejected
+from upbus.core.delivery._router import Subscriber
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.sending._batcher import PendingTaskBatcher
+from upbus.core.sending._ratelimit import RollingWindowLimiter
+from upbus.core.subscriptions._manager import SubscriptionManager
+from upbus.core.subscriptions._specs import (
     Channel,
     Spec,
     candle,
@@ -44,9 +45,8 @@ from upbus.core.specs import (
     ticker,
     trade,
 )
-from upbus.core.state import MergedState, StateChange, WireEntry
-from upbus.core.subscriptions import SubscriptionManager
-from upbus.core.transport import ConnectFailed, TransportError
+from upbus.core.subscriptions._state import MergedState, StateChange, WireEntry
+from upbus.core.wire._transport import ConnectFailed, TransportError
 from upbus.settings import Settings, load_settings
 
 __all__ = (

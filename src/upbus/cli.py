@@ -19,14 +19,14 @@ import orjson
 from pydantic import SecretStr
 
 import upbus
-from upbus.core.bus import Bus
-from upbus.core.codec import to_default_dict
-from upbus.core.errors import UpbusError
-from upbus.core.events import BusEvent, ConnectionEvent
-from upbus.core.messages import Message, Orderbook, Ticker, Trade
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.router import Subscriber
-from upbus.core.specs import CANDLE_UNITS, Spec, parse_specs
+from upbus.core._bus import Bus
+from upbus.core._errors import UpbusError
+from upbus.core.delivery._events import BusEvent, ConnectionEvent
+from upbus.core.delivery._router import Subscriber
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.subscriptions._specs import CANDLE_UNITS, Spec, parse_specs
+from upbus.core.wire._codec import to_default_dict
+from upbus.core.wire._messages import Message, Orderbook, Ticker, Trade
 from upbus.settings import Settings, explain_settings, load_settings
 
 __all__ = ("main",)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from opentelemetry.trace import Tracer
 
-from upbus.core.batcher import Batcher, PendingTaskBatcher, RequestLimiter, RequestSink
-from upbus.core.hookspecs import hookimpl
-from upbus.core.specs import Channel
-from upbus.core.subscriptions import SubscriptionManager
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.sending._batcher import Batcher, PendingTaskBatcher, RequestLimiter, RequestSink
+from upbus.core.subscriptions._manager import SubscriptionManager
+from upbus.core.subscriptions._specs import Channel
 from upbus.settings import Settings
 
 

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from upbus.core.hookspecs import hookimpl
-from upbus.core.messages import Candle, Message, MyAsset, MyOrder, Orderbook, Ticker, Trade
-from upbus.core.router import ConnectionEvent, Overflow
+from upbus.core.delivery._router import ConnectionEvent, Overflow
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.wire._messages import Candle, Message, MyAsset, MyOrder, Orderbook, Ticker, Trade
 from upbus.plugins.recording import SpecList
 
 if TYPE_CHECKING:
-    from upbus.core.bus import Bus
+    from upbus.core._bus import Bus
 
 __all__ = ("ConsoleSettings", "ConsoleView", "format_line")
 

@@ -16,7 +16,7 @@ One line per message, in order of arrival::
 
 ``received_at`` is Unix seconds when the recorder got the message, ``channel`` is
 ``public`` or ``private``, and ``message`` is the message with the exchange's
-DEFAULT field names (:func:`~upbus.core.codec.to_default_dict`), so the line's
+DEFAULT field names (:func:`~upbus.core.wire._codec.to_default_dict`), so the line's
 ``message`` is a frame :mod:`upbus.plugins.replay` can send again. The write path
 is the SQLite store's (:class:`~upbus.plugins.recording.BatchRecorder`): lossless,
 encoded and written by a writer thread in batches, each batch flushed to the OS,
@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, BinaryIO
 import orjson
 from pydantic import Field
 
-from upbus.core.codec import to_default_dict
-from upbus.core.hookspecs import hookimpl
-from upbus.core.specs import PRIVATE_TYPES
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.subscriptions._specs import PRIVATE_TYPES
+from upbus.core.wire._codec import to_default_dict
 from upbus.plugins.recording import BatchRecorder, FileRecorderSettings, Item, RecorderPlugin
 
 if TYPE_CHECKING:
-    from upbus.core.bus import Bus
+    from upbus.core._bus import Bus
 
 __all__ = ("JsonlRecorder", "JsonlSettings", "recorder_for")
 

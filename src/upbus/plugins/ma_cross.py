@@ -17,7 +17,7 @@ The strategy API, end to end:
 
 - a component is any object with ``async def on_message(self, message)``; the bus
   calls it with each message the component subscribed to (here
-  ``upbus.ticker(code)``), narrowed to a typed :mod:`upbus.core.messages` struct;
+  ``upbus.ticker(code)``), narrowed to a typed :mod:`upbus.core.wire._messages` struct;
 - ``on_connection_state(event)``, if defined, gets the channel's ``connected``,
   ``gap`` and ``reconnected`` events in order with the data;
 - ``upbus_overflow`` / ``upbus_capacity`` declare what the bus does when the
@@ -39,13 +39,13 @@ from typing import TYPE_CHECKING, Literal, Self, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from upbus.core.hookspecs import hookimpl
-from upbus.core.messages import Message, Ticker
-from upbus.core.router import ConnectionEvent, Overflow
-from upbus.core.specs import Spec, ticker
+from upbus.core.delivery._router import ConnectionEvent, Overflow
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.subscriptions._specs import Spec, ticker
+from upbus.core.wire._messages import Message, Ticker
 
 if TYPE_CHECKING:
-    from upbus.core.bus import Bus
+    from upbus.core._bus import Bus
 
 __all__ = ("MaCross", "MaCrossSettings", "Signal")
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from upbus.core.hookspecs import hookimpl
-from upbus.core.merge import Merger, RefCountMerger
-from upbus.core.specs import Channel
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.subscriptions._merge import Merger, RefCountMerger
+from upbus.core.subscriptions._specs import Channel
 from upbus.settings import Settings
 
 

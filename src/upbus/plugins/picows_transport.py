@@ -2,14 +2,14 @@
 
 picows parses frames in Cython and hands them to a callback, which spends a
 fraction of the Python the default transport does per message (see
-:mod:`upbus.core.picows_conn`). It needs the optional ``picows`` package
+:mod:`upbus.core.wire._picows`). It needs the optional ``picows`` package
 (``pip install 'upbus[fast]'``) and runs on asyncio only.
 
 Which transport answers depends on the ``transport`` setting:
 
 - ``"auto"`` (the default): this plugin, if picows is installed and the bus runs
   on asyncio; else nobody here, and the default (httpx) transport answers.
-- ``"picows"``: this plugin, or a :class:`~upbus.core.errors.ConfigError` saying
+- ``"picows"``: this plugin, or a :class:`~upbus.core._errors.ConfigError` saying
   what is missing (the package, or the asyncio backend).
 - anything else (``"httpx"``, another plugin's name): not this plugin.
 
@@ -23,10 +23,10 @@ import asyncio
 import importlib.util
 import logging
 
-from upbus.core.errors import ConfigError
-from upbus.core.hookspecs import hookimpl
-from upbus.core.specs import Channel
-from upbus.core.transport import Transport
+from upbus.core._errors import ConfigError
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.subscriptions._specs import Channel
+from upbus.core.wire._transport import Transport
 from upbus.settings import Settings
 
 __all__ = ("NAME", "current_async_library", "picows_installed", "upbus_make_transport")
@@ -89,7 +89,7 @@ def upbus_make_transport(channel: Channel, settings: Settings) -> Transport | No
             "to use the default transport"
         )
     try:
-        from upbus.core.picows_conn import PicowsTransport
+        from upbus.core.wire._picows import PicowsTransport
     except ImportError as exc:  # installed but broken (a wheel for another Python, say)
         if choice == "auto":
             log.warning("picows is installed but does not import (%s); using httpx", exc)

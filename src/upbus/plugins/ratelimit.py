@@ -8,8 +8,8 @@ connect, because the exchange counts messages per connection.
 
 from __future__ import annotations
 
-from upbus.core.hookspecs import hookimpl
-from upbus.core.ratelimit import (
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.sending._ratelimit import (
     RollingWindowLimiter,
     upbit_connect_limiter,
     upbit_message_limiter,

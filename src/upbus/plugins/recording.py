@@ -39,12 +39,12 @@ import anyio
 import orjson
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from upbus.core.messages import Message
-from upbus.core.router import Overflow
-from upbus.core.specs import parse_specs
+from upbus.core.delivery._router import Overflow
+from upbus.core.subscriptions._specs import parse_specs
+from upbus.core.wire._messages import Message
 
 if TYPE_CHECKING:
-    from upbus.core.bus import Bus
+    from upbus.core._bus import Bus
 
 __all__ = (
     "BatchRecorder",

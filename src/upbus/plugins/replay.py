@@ -38,10 +38,10 @@ import anyio.lowlevel
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from upbus.core.errors import ConfigError
-from upbus.core.hookspecs import hookimpl
-from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel
-from upbus.core.transport import ConnectionClosed, Transport, TransportError
+from upbus.core._errors import ConfigError
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.subscriptions._specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel
+from upbus.core.wire._transport import ConnectionClosed, Transport, TransportError
 from upbus.plugins.sqlite_store import iter_frames
 from upbus.settings import Settings
 

@@ -44,8 +44,8 @@ import msgspec.inspect as mi
 import orjson
 from pydantic import Field
 
-from upbus.core.hookspecs import hookimpl
-from upbus.core.messages import (
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.wire._messages import (
     CANDLE_TYPES,
     Candle,
     Message,
@@ -58,7 +58,7 @@ from upbus.core.messages import (
 from upbus.plugins.recording import BatchRecorder, FileRecorderSettings, Item, RecorderPlugin
 
 if TYPE_CHECKING:
-    from upbus.core.bus import Bus
+    from upbus.core._bus import Bus
 
 __all__ = (
     "BUSY_TIMEOUT",
@@ -316,7 +316,7 @@ def iter_frames(
     """``(received_at, frame)`` for every stored message, in order of arrival.
 
     Each frame is the message as a DEFAULT JSON frame, which
-    :class:`~upbus.core.codec.FrameDecoder` decodes into an equal message.
+    :class:`~upbus.core.wire._codec.FrameDecoder` decodes into an equal message.
     ``types`` keeps only tables holding those message types.
     """
     db = _connect_read_only(path)

@@ -11,8 +11,8 @@ other transport plugin that can run is asked first) or ``"httpx"``.
 
 from __future__ import annotations
 
-from upbus.core.hookspecs import hookimpl
-from upbus.core.wsconn import HttpxWsTransport
+from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core.wire._httpx import HttpxWsTransport
 from upbus.settings import Settings
 
 

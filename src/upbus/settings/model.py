@@ -29,7 +29,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources import DefaultSettingsSource
 
-from upbus.core.errors import ConfigError
+from upbus.core._errors import ConfigError
 from upbus.settings.sources import (
     Layer,
     build_sources,

@@ -25,7 +25,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
 )
 
-from upbus.core.errors import ConfigError
+from upbus.core._errors import ConfigError
 
 __all__ = (
     "CONFIG_ENV",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
-from upbus.core.errors import ConfigError
+from upbus.core._errors import ConfigError
 
 __all__ = ("AccountConfig", "Rate", "SimConfig")
 

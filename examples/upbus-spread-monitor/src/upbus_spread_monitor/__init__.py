@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 import upbus
-from upbus.core.messages import Message, Orderbook
-from upbus.core.router import ConnectionEvent
+from upbus.core.delivery._router import ConnectionEvent
+from upbus.core.wire._messages import Message, Orderbook
 
 log = logging.getLogger("upbus_spread_monitor")
 

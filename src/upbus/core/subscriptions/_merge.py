@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
-from upbus.core.specs import DEFAULT_DEPTH, PRIVATE_TYPES, PUBLIC_TYPES, Mode, Wish
-from upbus.core.state import WireEntry
+from upbus.core.subscriptions._specs import DEFAULT_DEPTH, PRIVATE_TYPES, PUBLIC_TYPES, Mode, Wish
+from upbus.core.subscriptions._state import WireEntry
 
 __all__ = ("Merger", "RefCountMerger")
 

@@ -28,7 +28,7 @@ reading, so TCP pushes back on the server as the consumer asked, and its timeout
 stops counting, since the pong may be queued behind data that may not be read yet:
 a consumer that does not read never makes the connection look dead, and a server
 that stops answering is found whenever the connection can read. picows's transport
-(:mod:`upbus.core.picows_conn`) behaves the same.
+(:mod:`upbus.core.wire._picows`) behaves the same.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from upbus.core.transport import ConnectionClosed, HandshakeRejected, TransportError
+from upbus.core.wire._transport import ConnectionClosed, HandshakeRejected, TransportError
 
 __all__ = ("HttpxWsTransport", "NetworkStream", "WsConnection", "accept_token", "safe_url")
 
@@ -111,7 +111,7 @@ class _PingWaiter:
 class WsConnection:
     """One open WebSocket connection over an already upgraded network stream.
 
-    Implements :class:`upbus.core.transport.Connection`. One task at a time may call
+    Implements :class:`upbus.core.wire._transport.Connection`. One task at a time may call
     :meth:`receive_batch`; :meth:`send_text`, :meth:`ping` and :meth:`aclose` may be
     called from other tasks meanwhile (writes are serialised by a lock).
 
@@ -620,7 +620,7 @@ def _header_problem(b0: int, b1: int, length: int, canonical: bool) -> str | Non
 class HttpxWsTransport:
     """Opens :class:`WsConnection` objects through one long-lived ``httpx.AsyncClient``.
 
-    Implements :class:`upbus.core.transport.Transport`. ``ws://``/``wss://`` URLs are
+    Implements :class:`upbus.core.wire._transport.Transport`. ``ws://``/``wss://`` URLs are
     requested as ``http://``/``https://`` so httpx's proxy settings (``HTTPS_PROXY``
     and friends) apply; through a proxy, ``https`` targets are tunnelled with
     ``CONNECT``.

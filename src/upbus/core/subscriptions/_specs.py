@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from upbus.core.errors import SpecError
+from upbus.core._errors import SpecError
 
 __all__ = (
     "CANDLE_UNITS",

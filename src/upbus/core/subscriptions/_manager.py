@@ -10,7 +10,7 @@ drained at the start of every operation and before every send
 (:meth:`SubscriptionManager.collect_garbage`).
 
 Keys (type, code, level) that the exchange refused are *excluded*: their wishes stay
-registered but out of the merged state (see :mod:`upbus.core.quarantine`). A
+registered but out of the merged state (see :mod:`upbus.core.subscriptions._quarantine`). A
 quarantined key stays out until every component holding it has unregistered or
 re-registered without it; a component that registers it meanwhile joins the holders
 and is told. A *held* key is a suspect kept out for a moment while the others of a
@@ -29,12 +29,12 @@ from typing import Any
 
 from opentelemetry.trace import Tracer
 
-from upbus.core.errors import ComponentError
-from upbus.core.merge import Merger, RefCountMerger
-from upbus.core.quarantine import Key, describe, key_order, wish_key
-from upbus.core.specs import Channel, Spec, Wish, parse_specs
-from upbus.core.state import MergedState, StateChange
-from upbus.core.telemetry import change_context, get_tracer
+from upbus.core._errors import ComponentError
+from upbus.core._telemetry import change_context, get_tracer
+from upbus.core.subscriptions._merge import Merger, RefCountMerger
+from upbus.core.subscriptions._quarantine import Key, describe, key_order, wish_key
+from upbus.core.subscriptions._specs import Channel, Spec, Wish, parse_specs
+from upbus.core.subscriptions._state import MergedState, StateChange
 
 __all__ = ("Listener", "Rejected", "RejectionListener", "SubscriptionManager")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanContext
 
-from upbus.core.specs import Channel
+from upbus.core.subscriptions._specs import Channel
 
 __all__ = ("MergedState", "StateChange", "WireEntry")
 

@@ -30,13 +30,13 @@ import pluggy
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-    from upbus.core.batcher import Batcher, RequestLimiter, RequestSink
-    from upbus.core.merge import Merger
-    from upbus.core.ratelimit import RollingWindowLimiter
-    from upbus.core.specs import Channel
-    from upbus.core.state import MergedState
-    from upbus.core.subscriptions import SubscriptionManager
-    from upbus.core.transport import Transport
+    from upbus.core.sending._batcher import Batcher, RequestLimiter, RequestSink
+    from upbus.core.sending._ratelimit import RollingWindowLimiter
+    from upbus.core.subscriptions._manager import SubscriptionManager
+    from upbus.core.subscriptions._merge import Merger
+    from upbus.core.subscriptions._specs import Channel
+    from upbus.core.subscriptions._state import MergedState
+    from upbus.core.wire._transport import Transport
     from upbus.settings import Settings
 
 __all__ = ("PROJECT", "UpbusHookSpecs", "hookimpl", "hookspec")
@@ -57,9 +57,9 @@ class UpbusHookSpecs:
 
         :param channel: public or private.
         :param settings: the effective settings.
-        :returns: a :class:`~upbus.core.merge.Merger`, or ``None`` to let another
+        :returns: a :class:`~upbus.core.subscriptions._merge.Merger`, or ``None`` to let another
             plugin answer. Default: reference counting
-            (:class:`~upbus.core.merge.RefCountMerger`).
+            (:class:`~upbus.core.subscriptions._merge.RefCountMerger`).
         """
 
     @hookspec(firstresult=True)
@@ -80,9 +80,9 @@ class UpbusHookSpecs:
         :param sink: the connection the requests go to.
         :param limiter: the connection's request limiter.
         :param tracer: where its send spans go (the bus's tracer).
-        :returns: a :class:`~upbus.core.batcher.Batcher`, or ``None``. Default: one
+        :returns: a :class:`~upbus.core.sending._batcher.Batcher`, or ``None``. Default: one
             pending task per connection
-            (:class:`~upbus.core.batcher.PendingTaskBatcher`).
+            (:class:`~upbus.core.sending._batcher.PendingTaskBatcher`).
         """
 
     @hookspec(firstresult=True)
@@ -104,7 +104,7 @@ class UpbusHookSpecs:
     def upbus_make_transport(self, channel: Channel, settings: Settings) -> Transport | None:
         """Make the transport that opens ``channel``'s WebSocket connections.
 
-        :returns: a :class:`~upbus.core.transport.Transport`, or ``None``.
+        :returns: a :class:`~upbus.core.wire._transport.Transport`, or ``None``.
             Default: httpx + httpx-ws.
         """
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from upbus.core.errors import UpbusError
+from upbus.core._errors import UpbusError
 
 __all__ = (
     "ConnectFailed",

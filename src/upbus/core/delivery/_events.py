@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from upbus.core.specs import Wish
+from upbus.core.subscriptions._specs import Wish
 
 __all__ = ("BusEvent", "ConnectionEvent", "Dropped", "Rejected")
 

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from upbus.core.bus import Bus
-from upbus.core.router import Item, Overflow, Subscriber
-from upbus.core.subscriptions import SpecsArg
+from upbus.core._bus import Bus
+from upbus.core.delivery._router import Item, Overflow, Subscriber
+from upbus.core.subscriptions._manager import SpecsArg
 
 __all__ = ("BlockingBus",)
 

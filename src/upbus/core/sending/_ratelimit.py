@@ -22,7 +22,7 @@ A ``margin`` is added to every period to absorb clock and network skew: our send
 times and the server's receive times differ by a jitter that can squeeze two
 messages closer together than we spaced them.
 
-All timing goes through a :class:`~upbus.core.clock.Clock`, so the limiter runs on
+All timing goes through a :class:`~upbus.core._clock.Clock`, so the limiter runs on
 virtual time in tests.
 """
 
@@ -34,8 +34,8 @@ from collections.abc import Sequence
 
 import anyio
 
-from upbus.core.clock import AnyioClock, Clock
-from upbus.core.errors import LimiterWaitExpired
+from upbus.core._clock import AnyioClock, Clock
+from upbus.core._errors import LimiterWaitExpired
 
 __all__ = (
     "DEFAULT_BACKOFF_INITIAL",
@@ -327,7 +327,7 @@ class RollingWindowLimiter:
 
         Returns ``0.0`` when a grant is allowed at once. If the grant would need more
         than ``max_wait`` seconds (default :attr:`max_wait`), sleeps ``max_wait`` and
-        raises :class:`~upbus.core.errors.LimiterWaitExpired`; nothing is taken.
+        raises :class:`~upbus.core._errors.LimiterWaitExpired`; nothing is taken.
         Does not queue behind :meth:`acquire` callers.
         """
         budget = self._budget(max_wait)
@@ -343,11 +343,11 @@ class RollingWindowLimiter:
         Returns ``0.0`` when the grant was free at once (no queue, no limit hit).
         Concurrent callers are served first come, first served. ``max_wait``
         (default :attr:`max_wait`) covers the time queued behind them too; on
-        expiry nothing is taken and :class:`~upbus.core.errors.LimiterWaitExpired`
+        expiry nothing is taken and :class:`~upbus.core._errors.LimiterWaitExpired`
         is raised. If it expires while still queued, the error's ``needed`` is this
         limiter's own :meth:`delay` at that moment, a lower bound. The queue wait is
         timed by the event loop's clock, so an injected clock must share the loop's
-        time base (the default :class:`~upbus.core.clock.AnyioClock` does).
+        time base (the default :class:`~upbus.core._clock.AnyioClock` does).
         """
         budget = self._budget(max_wait)
         start = self.clock.now()

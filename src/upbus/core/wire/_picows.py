@@ -29,7 +29,7 @@ While reading is paused, a pong may be queued behind data nobody may read yet, s
 the timeout of :meth:`~PicowsConnection.ping` stops counting: a consumer that does
 not read never makes the connection look dead, and a server that stops answering
 is found whenever the connection can read. The default transport
-(:mod:`upbus.core.wsconn`) behaves the same.
+(:mod:`upbus.core.wire._httpx`) behaves the same.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ from picows import (
     ws_connect,
 )
 
-from upbus.core.errors import ConfigError
-from upbus.core.transport import ConnectionClosed, HandshakeRejected, TransportError
-from upbus.core.wsconn import safe_url
+from upbus.core._errors import ConfigError
+from upbus.core.wire._httpx import safe_url
+from upbus.core.wire._transport import ConnectionClosed, HandshakeRejected, TransportError
 
 __all__ = ("PicowsConnection", "PicowsTransport", "proxy_from_environment")
 
@@ -102,13 +102,13 @@ class _PingWaiter:
 class PicowsConnection(WSListener):
     """One open WebSocket connection; picows's listener for it, too.
 
-    Implements :class:`upbus.core.transport.Connection`. One task at a time may call
+    Implements :class:`upbus.core.wire._transport.Connection`. One task at a time may call
     :meth:`receive_batch`; :meth:`send_text`, :meth:`ping` and :meth:`aclose` may be
     called from other tasks meanwhile. Made by :class:`PicowsTransport` once the
     upgrade succeeds; picows then calls the ``on_ws_*`` methods.
 
     :param url: the endpoint, for messages only (passed through
-        :func:`~upbus.core.wsconn.safe_url`).
+        :func:`~upbus.core.wire._httpx.safe_url`).
     :param close_timeout: bound on :meth:`aclose` waiting for the socket to close.
     :param max_message_size: a longer fragmented message closes the connection with
         code 1009 (picows checks single frames against the same limit).
@@ -488,7 +488,7 @@ class PicowsConnection(WSListener):
 class PicowsTransport:
     """Opens :class:`PicowsConnection` objects with :func:`picows.ws_connect`.
 
-    Implements :class:`upbus.core.transport.Transport`; asyncio only. Like the
+    Implements :class:`upbus.core.wire._transport.Transport`; asyncio only. Like the
     default transport it takes the proxy for a URL from the environment
     (``HTTPS_PROXY`` for ``wss://``, ``HTTP_PROXY`` for ``ws://``, ``ALL_PROXY``,
     ``NO_PROXY``) unless ``trust_env`` is false or ``proxy`` is given; picows
@@ -540,7 +540,7 @@ class PicowsTransport:
         than 101 (429 and 418 are the exchange's rate limiting), and
         :class:`TransportError` naming the URL for a failed connect (DNS, refused,
         timeout, TLS, proxy) or an invalid upgrade response. Header values never
-        appear in messages. :class:`~upbus.core.errors.ConfigError` if the running
+        appear in messages. :class:`~upbus.core._errors.ConfigError` if the running
         event loop is not asyncio's.
         """
         if self._closed:

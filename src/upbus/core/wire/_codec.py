@@ -1,7 +1,7 @@
 """Wire encoding of Upbit WebSocket frames.
 
 Decoding: :class:`FrameDecoder` turns one server frame (binary or text) into the typed
-messages of :mod:`upbus.core.messages`, whatever format the connection is in. The
+messages of :mod:`upbus.core.wire._messages`, whatever format the connection is in. The
 format is read from the frame itself, because the latest request on a connection
 (even a ``LIST_SUBSCRIPTIONS``) switches every stream on it (PROTOCOL §2.4):
 
@@ -36,8 +36,8 @@ from typing import Any, Final
 import msgspec
 import orjson
 
-from upbus.core.errors import FrameDecodeError, SpecError
-from upbus.core.messages import (
+from upbus.core._errors import FrameDecodeError, SpecError
+from upbus.core.wire._messages import (
     MESSAGE_CLASSES,
     Asset,
     Candle,

@@ -4,11 +4,11 @@ The exchange answers a request it cannot take (``WRONG_FORMAT``, ``INVALID_PARAM
 ``NO_CODES``, ``NO_TYPE``) with one error frame and closes the connection
 (PROTOCOL §5). Re-sending the same state after the reconnect would be refused again,
 forever, and every component of the channel would starve. Validation
-(:mod:`upbus.core.specs`) refuses what it can before anything is registered; this
+(:mod:`upbus.core.subscriptions._specs`) refuses what it can before anything is registered; this
 module handles what the exchange refuses anyway.
 
 The unit is a *key*: (type, code, level), one merge group
-(:mod:`upbus.core.merge`). :class:`RequestTracker` remembers the keys of the last
+(:mod:`upbus.core.subscriptions._merge`). :class:`RequestTracker` remembers the keys of the last
 request the exchange accepted. When a request is refused, its *suspects* are its keys
 that were not in that accepted state. One suspect is quarantined; several are
 bisected: half of them is held back and the other half goes out on the next
@@ -17,7 +17,7 @@ acceptance clears a part (the held half is tried after an acceptance). With no
 accepted state yet, every key is a suspect. Every attempt goes through the normal
 connect limiter and reconnect path.
 
-The exclusion itself lives in :class:`~upbus.core.subscriptions.SubscriptionManager`:
+The exclusion itself lives in :class:`~upbus.core.subscriptions._manager.SubscriptionManager`:
 quarantined keys stay out of the merged state until every component that holds them
 has unregistered or re-registered without them.
 
@@ -32,8 +32,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from upbus.core.specs import Wish
-from upbus.core.state import WireEntry
+from upbus.core.subscriptions._specs import Wish
+from upbus.core.subscriptions._state import WireEntry
 
 __all__ = (
     "REQUEST_ERRORS",

@@ -2,7 +2,7 @@
 
 One set of classes and one set of field names for every wire format: the field names
 are the exchange's DEFAULT names (PROTOCOL §8), so ``msg.trade_price`` reads the same
-whether the frame said ``"trade_price"`` or ``"tp"``. :mod:`upbus.core.codec` decodes
+whether the frame said ``"trade_price"`` or ``"tp"``. :mod:`upbus.core.wire._codec` decodes
 frames into these classes and turns them back into DEFAULT dicts.
 
 The classes are frozen :class:`msgspec.Struct` types: one decoded message is shared by
@@ -263,7 +263,7 @@ class MyAsset(Struct, frozen=True, gc=False, kw_only=True):
     """A private ``myAsset`` frame: the account's changed balances (PROTOCOL §8.6).
 
     The wire form has no ``code``; ``code`` is ``""`` so that every message class can
-    be read the same way, and :func:`upbus.core.codec.to_default_dict` leaves it out.
+    be read the same way, and :func:`upbus.core.wire._codec.to_default_dict` leaves it out.
     """
 
     type: Literal["myAsset"] = "myAsset"

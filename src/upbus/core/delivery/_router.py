@@ -22,9 +22,9 @@ from typing import Any, Literal, cast
 import anyio
 import msgspec
 
-from upbus.core.events import BusEvent, ConnectionEvent, Dropped
-from upbus.core.messages import Message, MyAsset, MyOrder, Orderbook
-from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Mode, Wish
+from upbus.core.delivery._events import BusEvent, ConnectionEvent, Dropped
+from upbus.core.subscriptions._specs import PRIVATE_TYPES, PUBLIC_TYPES, Mode, Wish
+from upbus.core.wire._messages import Message, MyAsset, MyOrder, Orderbook
 
 __all__ = ("BusEvent", "ConnectionEvent", "Dropped", "Overflow", "Router", "Subscriber")
 

@@ -20,12 +20,12 @@ from anyio.abc import TaskGroup
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, Tracer
 
-from upbus.core import telemetry
-from upbus.core.clock import AnyioClock, Clock
-from upbus.core.errors import LimiterWaitExpired
-from upbus.core.specs import Channel
-from upbus.core.state import MergedState, StateChange, WireEntry
-from upbus.core.transport import NotConnected
+from upbus.core import _telemetry as telemetry
+from upbus.core._clock import AnyioClock, Clock
+from upbus.core._errors import LimiterWaitExpired
+from upbus.core.subscriptions._specs import Channel
+from upbus.core.subscriptions._state import MergedState, StateChange, WireEntry
+from upbus.core.wire._transport import NotConnected
 
 __all__ = ("Batcher", "PendingTaskBatcher", "RequestLimiter", "RequestSink")
 
@@ -49,7 +49,7 @@ class RequestSink(Protocol):
 
 
 class RequestLimiter(Protocol):
-    """The part of a rate limiter the batcher uses (see :mod:`upbus.core.ratelimit`)."""
+    """The part of a rate limiter the batcher uses (see :mod:`upbus.core.sending._ratelimit`)."""
 
     async def wait(self, max_wait: float | None = None) -> float:
         """Wait until one request may go, without taking it; return the seconds waited."""

@@ -4,7 +4,7 @@ A component with ``on_message`` gets a task of its own that takes from its buffe
 and calls it: one at a time for ``async def on_message`` (after an ``await`` it
 sees the newest message of a conflated key), everything buffered at once for a
 plain ``def``, which runs in a thread of the component's own
-(:class:`~upbus.core.handler_thread.HandlerThread`), so that a handler that blocks
+(:class:`~upbus.core.delivery._handler_thread.HandlerThread`), so that a handler that blocks
 delays only its own component. The task starts with the first item that reaches an
 idle buffer and ends after a sweep interval without work.
 
@@ -33,9 +33,9 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from upbus.core.events import BusEvent, ConnectionEvent
-from upbus.core.handler_thread import HandlerThread
-from upbus.core.router import Item, Subscriber
+from upbus.core.delivery._events import BusEvent, ConnectionEvent
+from upbus.core.delivery._handler_thread import HandlerThread
+from upbus.core.delivery._router import Item, Subscriber
 
 __all__ = ("Delivery",)
 

@@ -1,7 +1,7 @@
 """Loading plugins from the ``upbus`` entry-point group, and typed hook calls.
 
 :class:`PluginManager` wraps a ``pluggy.PluginManager("upbus")`` that has the
-specs of :class:`~upbus.core.hookspecs.UpbusHookSpecs`. Build one with
+specs of :class:`~upbus.core.hooks._hookspecs.UpbusHookSpecs`. Build one with
 :meth:`PluginManager.load`; it loads upbus's own default plugins and every
 installed plugin through the same entry-point group, one at a time, so a
 broken plugin is reported (:meth:`PluginManager.report`, a warning on the
@@ -11,7 +11,7 @@ The bus calls hooks only through the typed methods here:
 
 - policy hooks (``make_merger``, ``make_batcher``, ``make_rate_limiter``,
   ``make_transport``) must be answered; their errors propagate, and a missing
-  answer raises :class:`~upbus.core.errors.PluginError` that says why;
+  answer raises :class:`~upbus.core._errors.PluginError` that says why;
 - notification hooks (``components``, ``startup``, ``shutdown``,
   ``connection_state``, ``request_sent``) run every implementation; one that
   raises is logged under its plugin's name and counted in
@@ -33,18 +33,18 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import pluggy
 from opentelemetry.trace import Tracer
 
-from upbus.core.errors import PluginError, PluginLoadError
-from upbus.core.hookspecs import PROJECT, UpbusHookSpecs
-from upbus.core.telemetry import get_tracer
+from upbus.core._errors import PluginError, PluginLoadError
+from upbus.core._telemetry import get_tracer
+from upbus.core.hooks._hookspecs import PROJECT, UpbusHookSpecs
 
 if TYPE_CHECKING:
-    from upbus.core.batcher import Batcher, RequestLimiter, RequestSink
-    from upbus.core.merge import Merger
-    from upbus.core.ratelimit import RollingWindowLimiter
-    from upbus.core.specs import Channel
-    from upbus.core.state import MergedState
-    from upbus.core.subscriptions import SubscriptionManager
-    from upbus.core.transport import Transport
+    from upbus.core.sending._batcher import Batcher, RequestLimiter, RequestSink
+    from upbus.core.sending._ratelimit import RollingWindowLimiter
+    from upbus.core.subscriptions._manager import SubscriptionManager
+    from upbus.core.subscriptions._merge import Merger
+    from upbus.core.subscriptions._specs import Channel
+    from upbus.core.subscriptions._state import MergedState
+    from upbus.core.wire._transport import Transport
     from upbus.settings import Settings
 
 __all__ = ("PluginInfo", "PluginManager", "PluginState")
@@ -154,7 +154,7 @@ class PluginManager:
             that must be synchronous, or a second entry point with a name
             already seen (upbus's own are considered first, so a third party
             cannot take a default's name) is recorded as ``failed`` with a
-            :class:`~upbus.core.errors.PluginLoadError`, logged as a warning on
+            :class:`~upbus.core._errors.PluginLoadError`, logged as a warning on
             ``upbus.plugins``, and loading goes on.
         """
         manager = cls()

@@ -13,8 +13,8 @@ messages per connection).
 
 When the exchange refuses a request (an error frame such as ``INVALID_PARAM``, then
 the close), the manager finds the wishes that caused it and has the
-:class:`~upbus.core.subscriptions.SubscriptionManager` keep them out of the state
-(:mod:`upbus.core.quarantine`), so the reconnect serves everything else instead of
+:class:`~upbus.core.subscriptions._manager.SubscriptionManager` keep them out of the state
+(:mod:`upbus.core.subscriptions._quarantine`), so the reconnect serves everything else instead of
 sending the same refused state again; ``on_rejected`` tells their owners.
 """
 
@@ -32,12 +32,12 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskGroup
 
-from upbus.core.batcher import Batcher
-from upbus.core.clock import AnyioClock, Clock
-from upbus.core.codec import FrameDecoder, encode_list_subscriptions, encode_request, new_ticket
-from upbus.core.errors import LimiterWaitExpired
-from upbus.core.messages import ErrorMessage, Message, Status, SubscriptionList
-from upbus.core.quarantine import (
+from upbus.core._clock import AnyioClock, Clock
+from upbus.core._errors import LimiterWaitExpired
+from upbus.core.sending._batcher import Batcher
+from upbus.core.sending._ratelimit import RollingWindowLimiter
+from upbus.core.subscriptions._manager import Rejected, SubscriptionManager
+from upbus.core.subscriptions._quarantine import (
     REQUEST_ERRORS,
     Key,
     RequestTracker,
@@ -45,11 +45,16 @@ from upbus.core.quarantine import (
     describe,
     entry_keys,
 )
-from upbus.core.ratelimit import RollingWindowLimiter
-from upbus.core.specs import Channel, Wish
-from upbus.core.state import MergedState, StateChange
-from upbus.core.subscriptions import Rejected, SubscriptionManager
-from upbus.core.transport import (
+from upbus.core.subscriptions._specs import Channel, Wish
+from upbus.core.subscriptions._state import MergedState, StateChange
+from upbus.core.wire._codec import (
+    FrameDecoder,
+    encode_list_subscriptions,
+    encode_request,
+    new_ticket,
+)
+from upbus.core.wire._messages import ErrorMessage, Message, Status, SubscriptionList
+from upbus.core.wire._transport import (
     ConnectFailed,
     Connection,
     ConnectionClosed,

@@ -23,14 +23,11 @@ from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskGroup
 from opentelemetry.trace import TracerProvider
 
-from upbus.core.auth import bearer_headers
-from upbus.core.batcher import Batcher
-from upbus.core.delivery import Delivery
-from upbus.core.errors import BusNotRunning, ComponentError, ConfigError, UpbusError
-from upbus.core.events import ConnectionEvent, Rejected
-from upbus.core.plugin_manager import PluginManager
-from upbus.core.ratelimit import RollingWindowLimiter
-from upbus.core.router import (
+from upbus.core._connection import WebSocketManager
+from upbus.core._errors import BusNotRunning, ComponentError, ConfigError, UpbusError
+from upbus.core._telemetry import get_tracer
+from upbus.core.delivery._events import ConnectionEvent, Rejected
+from upbus.core.delivery._router import (
     DEFAULT_CAPACITY,
     DEFAULT_OVERFLOW,
     Overflow,
@@ -38,13 +35,23 @@ from upbus.core.router import (
     Subscriber,
     check_overflow,
 )
-from upbus.core.specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel, Spec, Wish, parse_specs
-from upbus.core.stall_watch import StallWatch
-from upbus.core.state import StateChange
-from upbus.core.subscriptions import SpecsArg, SubscriptionManager
-from upbus.core.telemetry import get_tracer
-from upbus.core.transport import Transport
-from upbus.core.websocket import WebSocketManager
+from upbus.core.delivery._scheduler import Delivery
+from upbus.core.delivery._stall_watch import StallWatch
+from upbus.core.hooks._manager import PluginManager
+from upbus.core.sending._batcher import Batcher
+from upbus.core.sending._ratelimit import RollingWindowLimiter
+from upbus.core.subscriptions._manager import SpecsArg, SubscriptionManager
+from upbus.core.subscriptions._specs import (
+    PRIVATE_TYPES,
+    PUBLIC_TYPES,
+    Channel,
+    Spec,
+    Wish,
+    parse_specs,
+)
+from upbus.core.subscriptions._state import StateChange
+from upbus.core.wire._auth import bearer_headers
+from upbus.core.wire._transport import Transport
 from upbus.settings import Settings, load_settings
 
 __all__ = ("Bus",)
