@@ -1,22 +1,23 @@
 """WebSocket connections: an httpx upgrade, then upbus's own tight read loop.
 
 :class:`HttpxWsTransport` does the HTTP/1.1 upgrade through a long-lived
-``httpx.AsyncClient``, so proxies, TLS settings and timeouts are httpx's. After the
-``101`` it takes the raw network stream and hands it to :class:`WsConnection`, which
-runs its own receive path: one ``await`` per socket read, every complete message of
-that read returned as one list. There is no background task and no per-message task
-hop or timeout scope, which is what made httpx-ws's own session (a zero-buffer memory
-stream and a timeout scope per message) over ten times slower than this.
+``httpx.AsyncClient`` (:mod:`upbus.core.wire._upgrade`), so proxies, TLS settings
+and timeouts are httpx's. After the ``101`` it hands the raw network stream to
+:class:`WsConnection`, which runs its own receive path: one ``await`` per socket
+read, every complete message of that read returned as one list. There is no
+background task and no per-message task hop or timeout scope, which is what made
+httpx-ws's own session (a zero-buffer memory stream and a timeout scope per
+message) over ten times slower than this.
 
 Framing is split in two. The common frame (whole, final, unmasked text or binary) is
 cut out of the read buffer directly. Every other frame's header is checked as soon as
 it is read (reserved bits, opcode, masking, control frame size and fragmentation,
-length encoding: close code 1002, as picows's parser does), so a frame that can never
-be valid is not waited for; a valid one (control frames, fragments) goes whole to a
-``wsproto.Connection``, which checks the rest (fragment order, UTF-8, close codes)
-and keeps the protocol state, and which also builds every outgoing frame. Feeding
-every frame to wsproto cost ~12 µs of Python per message, more than ``websockets``
-spends in total.
+length encoding: close code 1002, as picows's parser does; the rules are in
+:mod:`upbus.core.wire._frames`), so a frame that can never be valid is not waited
+for; a valid one (control frames, fragments) goes whole to a ``wsproto.Connection``,
+which checks the rest (fragment order, UTF-8, close codes) and keeps the protocol
+state, and which also builds every outgoing frame. Feeding every frame to wsproto
+cost ~12 µs of Python per message, more than ``websockets`` spends in total.
 
 Whoever reads handles the control frames: pings are answered and pongs matched to
 :meth:`WsConnection.ping` waiters by the task in :meth:`WsConnection.receive_batch`,
@@ -33,14 +34,10 @@ that stops answering is found whenever the connection can read. picows's transpo
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpcore
@@ -50,22 +47,25 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from upbus.core.wire._transport import ConnectionClosed, HandshakeRejected, TransportError
+from upbus.core.wire._frames import (
+    MAX_MESSAGE_SIZE,
+    MAX_PENDING,
+    PingWaiter,
+    accept_token,
+    header_problem,
+    safe_url,
+)
+from upbus.core.wire._transport import ConnectionClosed, TransportError
+from upbus.core.wire._upgrade import check_url, upgrade
 
 __all__ = ("HttpxWsTransport", "NetworkStream", "WsConnection", "accept_token", "safe_url")
 
 logger = logging.getLogger("upbus.transport")
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 _READ_SIZE = 65_536
-_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # Upbit's largest messages are a few kB
-_MAX_PENDING = 1024  # messages read by ping() for receive_batch before reading stops
-_MAX_ERROR_BODY = 1_000  # characters of a refused upgrade's body kept in the error
 # What a read or write on an httpcore network stream raises when the socket fails;
 # httpcore maps its backends' errors to these, OSError covers anything unmapped.
 _NETWORK_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, OSError)
-_INVALID_URL = "<invalid URL>"
-_HTTP_SCHEMES = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
 
 
 class NetworkStream(Protocol):
@@ -76,36 +76,6 @@ class NetworkStream(Protocol):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-def accept_token(key: str) -> str:
-    """The ``Sec-WebSocket-Accept`` value a server must answer ``key`` with."""
-    digest = hashlib.sha1(key.encode("ascii") + _GUID, usedforsecurity=False).digest()
-    return base64.b64encode(digest).decode("ascii")
-
-
-def safe_url(url: str) -> str:
-    """``url`` without user info, query or fragment, fit for error messages and logs."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return _INVALID_URL
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{port}" if port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-class _PingWaiter:
-    """One outstanding :meth:`WsConnection.ping`; whoever reads the pong fills ``answered_at``."""
-
-    __slots__ = ("answered_at", "sent_at")
-
-    def __init__(self) -> None:
-        self.sent_at = 0.0
-        self.answered_at: float | None = None
 
 
 class WsConnection:
@@ -161,8 +131,8 @@ class WsConnection:
         response: httpx.Response | None = None,
         read_size: int = _READ_SIZE,
         close_timeout: float = 5.0,
-        max_message_size: int = _MAX_MESSAGE_SIZE,
-        max_pending: int = _MAX_PENDING,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self._stream = stream
         self._url = url
@@ -177,7 +147,7 @@ class WsConnection:
         self._pending: list[bytes] = []  # reads holding the start of an unfinished frame
         self._pending_size = 0
         self._pending_needed = 0  # bytes that frame needs in all; 0: header incomplete
-        self._pings: dict[bytes, _PingWaiter] = {}
+        self._pings: dict[bytes, PingWaiter] = {}
         self._ping_seq = 0
         self._max_pending = max_pending
         self._unread: list[bytes | str] = []  # messages read, not yet returned
@@ -301,7 +271,7 @@ class WsConnection:
         The common frame (whole, final, unmasked, text or binary, outside a
         fragmented message) is decoded right here: a few byte tests and a slice,
         where wsproto spends 10–20 µs of Python per frame. Every other frame's header
-        is checked here as soon as it is in (:func:`_header_problem`, the same checks
+        is checked here as soon as it is in (:func:`header_problem`, the same checks
         and close codes as picows's parser); a valid one (control frames,
         fragments) then goes to wsproto whole, so wsproto checks what needs state or
         the payload (fragment order, UTF-8, close codes), keeps the protocol state,
@@ -334,7 +304,7 @@ class WsConnection:
             if (b0 != 0x82 and b0 != 0x81) or b1 & 0x80 or not canonical:
                 # Checked as soon as the header is in, not once the payload is:
                 # a frame that can never be valid must not be waited for.
-                problem = _header_problem(b0, b1, length, canonical)
+                problem = header_problem(b0, b1, length, canonical)
                 if problem is not None:
                     return replies + self._fail_protocol(1002, problem)
             if length > limit:
@@ -475,7 +445,7 @@ class WsConnection:
         self._ping_seq += 1
         payload = self._ping_seq.to_bytes(8, "big")
         data = self._frame(Ping(payload))
-        waiter = _PingWaiter()
+        waiter = PingWaiter()
         self._pings[payload] = waiter
         try:
             waiter.sent_at = anyio.current_time()
@@ -488,7 +458,7 @@ class WsConnection:
             raise self._closed_error()
         return waiter.answered_at - waiter.sent_at
 
-    async def _await_pong(self, waiter: _PingWaiter, remaining: float) -> None:
+    async def _await_pong(self, waiter: PingWaiter, remaining: float) -> None:
         """Wait for ``waiter``'s pong, reading while no one else does (see :meth:`ping`)."""
         while waiter.answered_at is None and self._close_info is None:
             if not self._receiving and len(self._unread) >= self._max_pending:
@@ -588,35 +558,6 @@ class WsConnection:
         return ConnectionClosed(code, reason)
 
 
-_OPCODES = frozenset({0x0, 0x1, 0x2, 0x8, 0x9, 0xA})  # RFC 6455 §5.2
-
-
-def _header_problem(b0: int, b1: int, length: int, canonical: bool) -> str | None:
-    """What makes a server frame's header invalid (close code 1002), or ``None``.
-
-    ``b0`` and ``b1`` are the header's first two bytes, ``length`` the payload
-    length it gives and ``canonical`` whether that length is in its shortest form.
-    No extension is ever negotiated, so any reserved bit is an error.
-    """
-    opcode = b0 & 0x0F
-    if b0 & 0x70:
-        return f"reserved bits 0x{b0 & 0x70:02x} set, but no extension was negotiated"
-    if opcode not in _OPCODES:
-        return f"unknown opcode 0x{opcode:x}"
-    if b1 & 0x80:
-        return "a masked frame from the server (RFC 6455 §5.1)"
-    if opcode >= 0x8:
-        if not b0 & 0x80:
-            return "a fragmented control frame"
-        if length > 125:
-            return f"a control frame of {length} bytes (at most 125)"
-    if not canonical:
-        if length >= 1 << 63:
-            return "a 64-bit payload length with the most significant bit set"
-        return "a payload length not in its shortest form"
-    return None
-
-
 class HttpxWsTransport:
     """Opens :class:`WsConnection` objects through one long-lived ``httpx.AsyncClient``.
 
@@ -645,8 +586,8 @@ class HttpxWsTransport:
         handshake_timeout: float = 10.0,
         close_timeout: float = 5.0,
         read_size: int = _READ_SIZE,
-        max_message_size: int = _MAX_MESSAGE_SIZE,
-        max_pending: int = _MAX_PENDING,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self._client = client
         self._max_message_size = max_message_size
@@ -678,53 +619,11 @@ class HttpxWsTransport:
         timeout, TLS) or an invalid upgrade response. Header values never appear in
         messages.
         """
-        where = safe_url(url)
-        scheme = url.partition(":")[0].lower()
-        if where == _INVALID_URL:
-            raise TransportError("cannot connect: the URL does not parse")
-        if scheme not in _HTTP_SCHEMES:
-            raise TransportError(f"cannot connect to {where}: expected a ws:// or wss:// URL")
+        where, http_url = check_url(url)
         client = self._get_client()
-        key = base64.b64encode(os.urandom(16)).decode("ascii")
-        request_headers = httpx.Headers(dict(headers))
-        request_headers["Connection"] = "Upgrade"
-        request_headers["Upgrade"] = "websocket"
-        request_headers["Sec-WebSocket-Version"] = "13"
-        request_headers["Sec-WebSocket-Key"] = key
-        try:
-            request = client.build_request(
-                "GET", _HTTP_SCHEMES[scheme] + url[len(scheme) :], headers=request_headers
-            )
-            response = await client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise TransportError(
-                f"cannot connect to {where}: timed out ({type(exc).__name__})"
-            ) from exc
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            raise TransportError(f"cannot connect to {where}: {type(exc).__name__}: {exc}") from exc
-        except ExceptionGroup as group:
-            # anyio's happy-eyeballs connect groups what httpx does not map (an
-            # OverflowError for a bad port, say); callers get one plain error.
-            causes = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(group))
-            raise TransportError(f"cannot connect to {where}: {causes}") from group
-
-        try:
-            if response.status_code != 101:
-                raise HandshakeRejected(response.status_code, await _read_body(response))
-            _check_upgrade(response, key, where)
-            stream: httpcore.AsyncNetworkStream | None = response.extensions.get("network_stream")
-            if stream is None:
-                raise TransportError(
-                    f"cannot use the upgrade from {where}: the httpx transport exposes no "
-                    "network stream (WebSocket needs httpx's HTTP/1.1 transport)"
-                )
-        except BaseException:
-            with anyio.move_on_after(self._close_timeout, shield=True):
-                try:
-                    await response.aclose()
-                except Exception as exc:  # the error being raised matters more
-                    logger.debug("closing the refused upgrade to %s failed: %r", where, exc)
-            raise
+        response, stream = await upgrade(
+            client, http_url, headers, where=where, close_timeout=self._close_timeout
+        )
         return WsConnection(
             stream,
             url=where,
@@ -752,43 +651,3 @@ class HttpxWsTransport:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
-    leaves: list[Exception] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
-
-
-async def _read_body(response: httpx.Response) -> str:
-    """The start of a refused upgrade's body, or ``""`` if it cannot be read."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= _MAX_ERROR_BODY * 4:
-                break
-    except (httpx.HTTPError, httpx.StreamError):
-        pass  # the status is what matters
-    return b"".join(chunks).decode("utf-8", "replace")[:_MAX_ERROR_BODY]
-
-
-def _check_upgrade(response: httpx.Response, key: str, where: str) -> None:
-    """Fail unless the 101 response completes the handshake for ``key`` (RFC 6455 §4.1)."""
-    headers = response.headers
-    problem = None
-    if headers.get("upgrade", "").lower() != "websocket":
-        problem = "no 'Upgrade: websocket' header"
-    elif "upgrade" not in {t.strip().lower() for t in headers.get("connection", "").split(",")}:
-        problem = "no 'Connection: Upgrade' header"
-    elif headers.get("sec-websocket-accept", "").strip() != accept_token(key):
-        problem = "wrong Sec-WebSocket-Accept"
-    elif "sec-websocket-extensions" in headers:
-        problem = "an extension was accepted that was not offered"
-    elif "sec-websocket-protocol" in headers:
-        problem = "a subprotocol was chosen that was not offered"
-    if problem is not None:
-        raise TransportError(f"invalid WebSocket upgrade from {where}: {problem}")

@@ -44,7 +44,6 @@ from urllib.parse import urlsplit
 from urllib.request import getproxies_environment, proxy_bypass
 
 import anyio
-import httpx
 from picows import (
     WSCloseCode,
     WSError,
@@ -59,21 +58,25 @@ from picows import (
 )
 
 from upbus.core._errors import ConfigError
-from upbus.core.wire._httpx import safe_url
+from upbus.core.wire._frames import (
+    INVALID_URL,
+    MAX_ERROR_BODY,
+    MAX_MESSAGE_SIZE,
+    MAX_PENDING,
+    PingWaiter,
+    exception_leaves,
+    safe_url,
+)
 from upbus.core.wire._transport import ConnectionClosed, HandshakeRejected, TransportError
 
 __all__ = ("PicowsConnection", "PicowsTransport", "proxy_from_environment")
 
 logger = logging.getLogger("upbus.transport")
 
-_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # as the default transport's
-_MAX_PENDING = 1024  # messages waiting for receive_batch before reading pauses
 _MAX_BATCH = 256  # messages one receive_batch call returns at most
 # The socket's receive buffer (Linux doubles it): 2 MiB in flight is ~7 MB/s at a
 # 300 ms round trip, far above the exchange's rates, and bounds one read's size.
 _RECEIVE_BUFFER = 1024 * 1024
-_MAX_ERROR_BODY = 1_000  # characters of a refused upgrade's body kept in the error
-_INVALID_URL = safe_url("ws://[")  # what safe_url answers for a URL that does not parse
 
 # Looked up once: reading WSFrame.msg_type builds an enum member, so the hot path
 # compares identities with these.
@@ -89,16 +92,6 @@ _CLOSE = WSMsgType.CLOSE
 _FINISHED: list[bytes] = []
 
 
-class _PingWaiter:
-    """One outstanding :meth:`PicowsConnection.ping`; a pong fills ``answered_at``."""
-
-    __slots__ = ("answered_at", "sent_at")
-
-    def __init__(self) -> None:
-        self.sent_at = 0.0
-        self.answered_at: float | None = None
-
-
 class PicowsConnection(WSListener):
     """One open WebSocket connection; picows's listener for it, too.
 
@@ -108,7 +101,7 @@ class PicowsConnection(WSListener):
     upgrade succeeds; picows then calls the ``on_ws_*`` methods.
 
     :param url: the endpoint, for messages only (passed through
-        :func:`~upbus.core.wire._httpx.safe_url`).
+        :func:`~upbus.core.wire._frames.safe_url`).
     :param close_timeout: bound on :meth:`aclose` waiting for the socket to close.
     :param max_message_size: a longer fragmented message closes the connection with
         code 1009 (picows checks single frames against the same limit).
@@ -145,8 +138,8 @@ class PicowsConnection(WSListener):
         *,
         url: str,
         close_timeout: float = 5.0,
-        max_message_size: int = _MAX_MESSAGE_SIZE,
-        max_pending: int = _MAX_PENDING,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_pending: int = MAX_PENDING,
         receive_buffer: int | None = _RECEIVE_BUFFER,
     ) -> None:
         super().__init__()
@@ -165,7 +158,7 @@ class PicowsConnection(WSListener):
         self._fragments: list[bytes] | None = None  # pieces of a fragmented message
         self._fragments_size = 0
         self._fragments_text = False
-        self._pings: dict[bytes, _PingWaiter] = {}
+        self._pings: dict[bytes, PingWaiter] = {}
         self._ping_seq = 0
         self._changed: anyio.Event | None = None  # set by _notify
         # (code, reason) once the connection is finished, for every later call to raise.
@@ -424,7 +417,7 @@ class PicowsConnection(WSListener):
             raise self._closed_error()
         self._ping_seq += 1
         payload = self._ping_seq.to_bytes(8, "big")
-        waiter = _PingWaiter()
+        waiter = PingWaiter()
         self._pings[payload] = waiter
         loop = self._loop
         try:
@@ -515,8 +508,8 @@ class PicowsTransport:
         *,
         handshake_timeout: float = 10.0,
         close_timeout: float = 5.0,
-        max_message_size: int = _MAX_MESSAGE_SIZE,
-        max_pending: int = _MAX_PENDING,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_pending: int = MAX_PENDING,
         receive_buffer: int | None = _RECEIVE_BUFFER,
         ssl_context: ssl.SSLContext | None = None,
         proxy: str | None = None,
@@ -547,7 +540,7 @@ class PicowsTransport:
             raise TransportError("the transport is closed")
         where = safe_url(url)
         scheme = url.partition(":")[0].lower()
-        if where == _INVALID_URL:
+        if where == INVALID_URL:
             raise TransportError("cannot connect: the URL does not parse")
         if scheme not in ("ws", "wss"):
             raise TransportError(f"cannot connect to {where}: expected a ws:// or wss:// URL")
@@ -564,6 +557,10 @@ class PicowsTransport:
         ssl_context = self._ssl_context
         if ssl_context is None and scheme == "wss":
             # Made once, at the first wss:// connect: loading the CA bundle takes a while.
+            # httpx is imported here, not at the top, so that this module and its
+            # frame path load without the default transport's packages.
+            import httpx
+
             ssl_context = self._ssl_context = httpx.create_ssl_context(trust_env=self._trust_env)
 
         attempt = _Attempt()
@@ -649,11 +646,11 @@ def _connect_error(exc: Exception, where: str) -> TransportError:
     if isinstance(exc, WSHandshakeError):
         status = _status_of(exc)
         if status is not None and status != 101:
-            body = (exc.raw_body or b"").decode("utf-8", "replace")[:_MAX_ERROR_BODY]
+            body = (exc.raw_body or b"").decode("utf-8", "replace")[:MAX_ERROR_BODY]
             return HandshakeRejected(status, body)
         return TransportError(f"invalid WebSocket upgrade from {where}: {exc}")
     if isinstance(exc, ExceptionGroup):
-        causes = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc))
+        causes = "; ".join(f"{type(e).__name__}: {e}" for e in exception_leaves(exc))
         return TransportError(f"cannot connect to {where}: {causes}")
     if isinstance(exc, (OSError, WSError, ValueError)):
         return TransportError(f"cannot connect to {where}: {type(exc).__name__}: {exc}")
@@ -670,13 +667,6 @@ def _status_of(exc: WSHandshakeError) -> int | None:
     if len(status_line) >= 2 and status_line[0].startswith(b"HTTP/") and status_line[1].isdigit():
         return int(status_line[1])
     return None
-
-
-def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
-    leaves: list[Exception] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 def proxy_from_environment(url: str) -> str | None:
