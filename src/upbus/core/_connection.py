@@ -34,7 +34,7 @@ from anyio.abc import TaskGroup
 
 from upbus.core._clock import AnyioClock, Clock
 from upbus.core._errors import LimiterWaitExpired
-from upbus.core.sending._batcher import Batcher
+from upbus.core.sending._batcher import Batcher, SinkUnavailable
 from upbus.core.sending._ratelimit import RollingWindowLimiter
 from upbus.core.subscriptions._manager import Rejected, SubscriptionManager
 from upbus.core.subscriptions._quarantine import (
@@ -59,12 +59,11 @@ from upbus.core.wire._transport import (
     Connection,
     ConnectionClosed,
     HandshakeRejected,
-    NotConnected,
     Transport,
     TransportError,
 )
 
-__all__ = ("NotConnected", "WebSocketManager")
+__all__ = ("WebSocketManager",)
 
 log = logging.getLogger("upbus.connection")
 
@@ -209,12 +208,12 @@ class WebSocketManager:
     async def send_state(self, state: MergedState) -> int:
         conn = self._conn
         if conn is None:
-            raise NotConnected(f"{self.channel.value}: not connected")
+            raise SinkUnavailable(f"{self.channel.value}: not connected")
         if self._error_frame is not None:
             # The exchange closes this connection next; a request now would be
             # ignored, and the state goes out on the next connection instead.
             self._send_refused = True
-            raise NotConnected(
+            raise SinkUnavailable(
                 f"{self.channel.value}: the connection is closing after error {self._error_frame}"
             )
         if not state:

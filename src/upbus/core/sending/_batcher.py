@@ -1,13 +1,20 @@
-"""The batcher: one pending send task per connection (the seed's "pending state").
+"""The batcher: one pending send task per connection (the original design's "pending state").
 
 A change while no task is pending creates one; a change while one is pending is
 absorbed by it. The task waits the debounce delay, then the rate limiter, then
 reads the *latest* state and sends it as one request.
 
-The seed's sketch could lose a change that arrived after the task had read the
-state. Here the task compares the state's version after each send and goes round
-again until what it sent is the latest (no lost update), and it sends nothing when
-the latest state equals what the connection already has (no useless send).
+The original design's sketch could lose a change that arrived after the task had
+read the state. Here the task compares the state's version after each send and
+goes round again until what it sent is the latest (no lost update), and it sends
+nothing when the latest state equals what the connection already has (no useless
+send).
+
+The batcher owns the send path: it is given a sink (the channel's current
+connection) and a limiter (that connection's message budget), and is told
+through :meth:`Batcher.resend` when the connection holds nothing it can rely on.
+It knows nothing of transports: a sink without a usable connection raises
+:class:`SinkUnavailable`.
 """
 
 from __future__ import annotations
@@ -25,9 +32,8 @@ from upbus.core._clock import AnyioClock, Clock
 from upbus.core._errors import LimiterWaitExpired
 from upbus.core.subscriptions._specs import Channel
 from upbus.core.subscriptions._state import MergedState, StateChange, WireEntry
-from upbus.core.wire._transport import NotConnected
 
-__all__ = ("Batcher", "PendingTaskBatcher", "RequestLimiter", "RequestSink")
+__all__ = ("Batcher", "PendingTaskBatcher", "RequestLimiter", "RequestSink", "SinkUnavailable")
 
 log = logging.getLogger("upbus.batcher")
 
@@ -36,14 +42,23 @@ log = logging.getLogger("upbus.batcher")
 MAX_LINKS = 128
 
 
+class SinkUnavailable(Exception):
+    """The sink has no usable connection right now (none yet, or one about to close).
+
+    Not a failure: the state stays wanted, and the batcher is told through
+    :meth:`Batcher.resend` once a connection can take it.
+    """
+
+
 class RequestSink(Protocol):
     """Where a merged state goes: the connection of one channel."""
 
     async def send_state(self, state: MergedState) -> int:
         """Install ``state`` on the connection as one request; return the bytes sent.
 
-        Raises when there is no usable connection; the connection's owner then calls
-        :meth:`Batcher.resend` once it is connected again.
+        Raises :class:`SinkUnavailable` when there is no usable connection, any
+        other exception when the send failed; either way :meth:`Batcher.resend`
+        follows once a connection can take the whole state.
         """
         ...
 
@@ -72,7 +87,13 @@ class Batcher(Protocol):
         ...
 
     def resend(self) -> None:
-        """The connection is new and has nothing: send the whole latest state at once."""
+        """The connection holds nothing to rely on: send the whole latest state at once.
+
+        Called through the sink's listeners after every connect (a reconnect's
+        first request is the whole latest state, through the limiter), when the
+        exchange's subscriptions were found to differ from what was sent, and
+        when a connection that refused a send during an error turned out to stay open.
+        """
         ...
 
     def status(self) -> dict[str, Any]:
@@ -122,7 +143,7 @@ class PendingTaskBatcher:
         self._task_group: TaskGroup | None = None
         self._pending = False
         self._immediate = False
-        self._connects = 0  # resend() calls: a new connection that has nothing yet
+        self._connects = 0  # resend() calls: a connection that has nothing to rely on
         self._phase = "idle"
         # What the connection has: a fresh connection has no subscriptions (empty
         # entries); None means unknown (a send failed halfway), so anything goes out.
@@ -323,19 +344,20 @@ class PendingTaskBatcher:
         ) as span:
             try:
                 size = await self._sink.send_state(state)
-            except NotConnected:
+            except SinkUnavailable:
                 # Not a failure: the connection is being made, and its first
                 # request after the connect is the whole latest state, which
                 # then carries these changes (and their links).
                 self._sent_entries = None
                 self._links = (links + self._links)[:MAX_LINKS]
                 self._coalesced += coalesced
+                # The documented value of error.type for this case (docs/operations.md).
                 span.set_attribute("error.type", "NotConnected")
                 log.debug("%s: not connected yet; the state goes out after the connect", channel)
                 return False
             except Exception as exc:
-                # What the connection has is unknown now; its owner calls resend()
-                # after the next connect, which restores the whole latest state.
+                # What the connection has is unknown now; resend() follows the
+                # next connect, which restores the whole latest state.
                 self._sent_entries = None
                 self._counts["send_failures"] += 1
                 span.set_attribute("error.type", type(exc).__name__)

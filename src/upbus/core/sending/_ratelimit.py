@@ -42,6 +42,7 @@ __all__ = (
     "DEFAULT_BACKOFF_MAX",
     "DEFAULT_MARGIN",
     "DEFAULT_MAX_WAIT",
+    "ConnectionBudget",
     "RollingWindowLimiter",
     "upbit_connect_limiter",
     "upbit_message_limiter",
@@ -372,6 +373,60 @@ class RollingWindowLimiter:
         waited = granted_at - start if queued or slept else 0.0
         self._record_wait(waited)
         return waited
+
+
+class ConnectionBudget:
+    """The request-message budget of whichever connection of a channel is current.
+
+    The exchange counts messages per connection, so every connection gets a
+    fresh :class:`RollingWindowLimiter`; this object stands for "the current
+    one", so that the batcher can hold one limiter for the channel's lifetime.
+    Every frame sent on a connection is charged here: the batcher's requests
+    (:meth:`wait`, then :meth:`take` right before the send) and every other
+    frame, keepalive and verification alike (:meth:`acquire`, through the
+    connection's ``send_extra``). Between connections there is no budget:
+    waits return at once, and the send that follows finds no connection.
+    """
+
+    def __init__(self) -> None:
+        self._limiter: RollingWindowLimiter | None = None
+
+    @property
+    def current(self) -> RollingWindowLimiter | None:
+        """The current connection's limiter, or ``None`` between connections."""
+        return self._limiter
+
+    def use(self, limiter: RollingWindowLimiter | None) -> None:
+        """Charge everything from now on to ``limiter`` (``None``: no connection)."""
+        self._limiter = limiter
+
+    async def wait(self, max_wait: float | None = None) -> float:
+        """Wait until one request may go, without taking it; ``0.0`` between connections."""
+        limiter = self._limiter
+        return 0.0 if limiter is None else await limiter.wait(max_wait)
+
+    def take(self, now: float | None = None) -> None:
+        """Record one request as sent now."""
+        if self._limiter is not None:
+            self._limiter.take(now)
+
+    async def acquire(self, max_wait: float | None = None) -> bool:
+        """Wait for a grant and take it; return ``False`` when there is no connection."""
+        limiter = self._limiter
+        if limiter is None:
+            return False
+        await limiter.acquire(max_wait)
+        return True
+
+    def back_off(self) -> None:
+        """The exchange said "too many": the current connection's budget backs off."""
+        if self._limiter is not None:
+            self._limiter.back_off()
+
+    def status(self) -> dict[str, object] | None:
+        """The current limiter's :meth:`~RollingWindowLimiter.status`, or ``None``."""
+        limiter = self._limiter
+        return None if limiter is None else limiter.status()
 
 
 def upbit_message_limiter(
