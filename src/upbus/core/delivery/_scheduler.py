@@ -33,9 +33,9 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
+from upbus.core.delivery._buffer import Item, Subscriber
 from upbus.core.delivery._events import BusEvent, ConnectionEvent
 from upbus.core.delivery._handler_thread import HandlerThread
-from upbus.core.delivery._router import Item, Subscriber
 
 __all__ = ("Delivery",)
 
