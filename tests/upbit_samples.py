@@ -7,6 +7,7 @@ them fail rather than skip.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -27,3 +28,9 @@ if not SAMPLES.is_dir() and REQUIRED:
 needs_samples = pytest.mark.skipif(
     not SAMPLES.is_dir(), reason=f"Upbit samples not found at {SAMPLES} (set UPBUS_SAMPLES)"
 )
+
+
+@functools.cache
+def sample_text(name: str) -> str:
+    """The sample file ``name``, read once; call it from a test or at collection, not at import."""
+    return (SAMPLES / name).read_text(encoding="utf-8")
