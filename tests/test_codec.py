@@ -5,8 +5,8 @@ the sample files are parsed with a loader that keeps each number token as writte
 messages are re-serialised from those tokens, so spellings like ``1.16539E8``,
 ``6E-8`` and ``31883000.00000000`` reach the decoder unchanged. Each message is also
 converted to the other format (DEFAULT <-> SIMPLE) with this file's own copy of the
-PROTOCOL §8 abbreviation tables, deliberately not the codec's, so a misreading of the
-protocol cannot hide by being shared.
+SIMPLE abbreviation tables (docs/protocol.md, "Messages"), deliberately not the codec's,
+so a misreading of the protocol cannot hide by being shared.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def dump_raw(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-# --- The SIMPLE abbreviations, transcribed from PROTOCOL §8 ---------------------------
+# --- The SIMPLE abbreviations, transcribed from docs/protocol.md, "Messages" ---------
 
 TICKER_SIMPLE = {
     "type": "ty", "code": "cd", "opening_price": "op", "high_price": "hp",
@@ -609,8 +609,8 @@ def test_payload_types() -> None:
     ],
 )
 def test_delisting_date_shapes(wire: str, value: object) -> None:
-    # The non-null shape is unverified (PROTOCOL §11.11): a string and the SDK's object
-    # are both accepted, so that a delisting notice is not lost to a decode error.
+    # No sample shows a non-null delisting date (docs/protocol.md, "Messages"): a string
+    # and the SDK's object are both accepted, so that a notice is not lost to a decode error.
     ticker = {
         "type": "ticker", "code": "KRW-X", "opening_price": 1, "high_price": 1,
         "low_price": 1, "trade_price": 1, "prev_closing_price": 1, "change": "EVEN",

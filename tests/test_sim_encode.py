@@ -235,7 +235,8 @@ def test_status_frame_matches_the_sample() -> None:
 
 # -- live frames carry the samples' keys ---------------------------------------------
 
-# SIMPLE keys from PROTOCOL.md §8.1 and §8.4 (no SIMPLE sample exists for these).
+# SIMPLE keys of tickers and candles from docs/protocol.md, "Messages" (no SIMPLE sample
+# exists for these).
 TICKER_SIMPLE_KEYS = {
     *("ty", "cd", "op", "hp", "lp", "tp", "pcp", "c", "cp", "scp", "cr", "scr", "tv", "atv"),
     *("atv24h", "atp", "atp24h", "tdt", "ttm", "ttms", "ab", "aav", "abv", "h52wp", "h52wdt"),
