@@ -12,10 +12,12 @@ __all__ = (
     "ConfigError",
     "FrameDecodeError",
     "LimiterWaitExpired",
+    "OptionError",
     "PluginError",
     "PluginLoadError",
     "SpecError",
     "UpbusError",
+    "UsageError",
 )
 
 
@@ -41,6 +43,21 @@ class BusNotRunning(UpbusError, RuntimeError):
 
 class ConfigError(UpbusError, ValueError):
     """A setting is invalid; the message names the setting and where it came from."""
+
+
+class OptionError(UpbusError, ValueError):
+    """An argument is out of range or not one of the values allowed.
+
+    For example a buffer's ``overflow`` policy or ``capacity``, a rate limiter's
+    windows, a replay ``speed``. The message names the argument and the value.
+    """
+
+
+class UsageError(UpbusError, RuntimeError):
+    """An object was used in a way its contract forbids at that moment.
+
+    For example :meth:`upbus.RollingWindowLimiter.take` when no slot is free.
+    """
 
 
 class PluginError(UpbusError):
