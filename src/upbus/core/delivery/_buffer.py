@@ -17,6 +17,7 @@ from typing import Any, Literal, cast
 
 import anyio
 
+from upbus.core._errors import OptionError
 from upbus.core.delivery._events import BusEvent, Dropped
 from upbus.core.subscriptions._specs import PRIVATE_TYPES, PUBLIC_TYPES, Wish
 from upbus.core.wire._messages import Message
@@ -455,11 +456,12 @@ def _drop_kinds(policy: str) -> frozenset[str]:
 
 
 def check_overflow(capacity: object, policy: object) -> None:
-    """Raise ``ValueError`` naming what is wrong with a buffer's capacity or policy."""
+    """Raise :class:`OptionError` (a ``ValueError``) naming what is wrong with a buffer's
+    capacity or policy."""
     if type(capacity) is not int or capacity < 1:
-        raise ValueError(f"capacity must be a whole number >= 1, got {capacity!r}")
+        raise OptionError(f"capacity must be a whole number >= 1, got {capacity!r}")
     if policy not in OVERFLOW_POLICIES:
-        raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {policy!r}")
+        raise OptionError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {policy!r}")
 
 
 # What a conflating buffer may hold in place of a message.
