@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import anyio
 import pytest
 
 import upbus
-from upbus.core.hooks._manager import PluginManager
+from upbus import PluginManager
 from upbus.sim import SimConfig, Simulator
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "upbus-spread-monitor"
@@ -40,28 +41,36 @@ def test_the_example_is_discovered_with_its_distribution() -> None:
         "upbus-spread-monitor",
         "0.1.0",
     )
-    assert info.hooks == ("upbus_components", "upbus_shutdown")
+    assert info.hooks == ("upbus_components",)
+
+
+def _warned(caplog: pytest.LogCaptureFixture) -> set[str]:
+    """The codes the monitors warned about: each warning is ``"<code> spread <bps> bps"``."""
+    return {
+        record.getMessage().split()[0]
+        for record in caplog.records
+        if record.name == "upbus_spread_monitor" and record.levelno == logging.WARNING
+    }
 
 
 @pytest.mark.anyio
 @pytest.mark.usefixtures("installed")
-async def test_the_example_runs_through_the_bus() -> None:
-    import upbus_spread_monitor
-
+async def test_the_example_runs_through_the_bus(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="upbus_spread_monitor")
     async with Simulator(SimConfig(rate=200.0)) as sim:
+        section = {"enabled": True, "codes": ["KRW-BTC", "KRW-ETH"], "max_spread_bps": 1e-9}
         settings = upbus.Settings(
             public_url=sim.public_url,
             private_url=sim.private_url,
-            plugins={"spread_monitor": {"enabled": True, "codes": ["KRW-BTC", "KRW-ETH"]}},
+            plugins={"spread_monitor": section},
         )
-        async with upbus.Bus(settings) as bus:
-            (monitor,) = upbus_spread_monitor.monitors
-            # The example's component has no event to wait on: poll its state, bounded.
-            with anyio.fail_after(10):
-                while len(monitor.spreads) < 2:  # noqa: ASYNC110
-                    await anyio.sleep(0.02)
-            assert set(monitor.spreads) == {"KRW-BTC", "KRW-ETH"}
-            assert all(spread >= 0 for spread in monitor.spreads.values())
-            assert '"KRW-BTC.1"' in sim.requests[0].raw  # depth 1 asked on the wire
+        # Two buses at once: each gets its own monitor from the components hook.
+        async with upbus.Bus(settings) as bus, upbus.Bus(settings) as other:
             assert bus.get_subscription_stats()["components"] == 1
-        assert upbus_spread_monitor.monitors == []  # its shutdown hook ran
+            assert other.get_subscription_stats()["components"] == 1
+            # The monitor has no event to wait on: poll what it logs, bounded.
+            with anyio.fail_after(10):
+                while _warned(caplog) != {"KRW-BTC", "KRW-ETH"}:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            assert '"KRW-BTC.1"' in sim.requests[0].raw  # depth 1 asked on the wire
+        assert bus.plugins.failures == {}

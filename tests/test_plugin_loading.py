@@ -211,7 +211,7 @@ def test_a_broken_plugin_is_reported_and_the_rest_still_load(
     assert report["merge"].state == "loaded"
     assert report["batching"].state == "loaded"
     ok = sys.modules["upbus_testplugin_ok"]
-    assert manager.components(settings) == [(ok.COMPONENT, "ticker:KRW-BTC")]
+    assert manager.components(object(), settings) == [(ok.COMPONENT, "ticker:KRW-BTC")]
 
 
 def test_disabled_plugins_are_not_imported_and_stay_blocked(testplugins: Path) -> None:
@@ -384,6 +384,14 @@ class Components:
         return [(self, "ticker:KRW-ETH")]
 
 
+class BusAwareComponents:
+    """Takes the bus too: one component per bus, and no state of its own to find it."""
+
+    @hookimpl
+    def upbus_components(self, bus: object, settings: Settings) -> list[tuple[object, Any]]:
+        return [(bus, "trade:KRW-BTC")]
+
+
 class BadComponents:
     @hookimpl
     def upbus_components(self, settings: Settings) -> list[object]:
@@ -403,8 +411,26 @@ def test_components_are_flattened_and_bad_answers_isolated(tmp_path: Path) -> No
     manager.register(BadComponents(), "bad")
     manager.register(RaisingComponents(), "raising")
 
-    assert manager.components(make_settings(tmp_path)) == [(good, "ticker:KRW-ETH")]
+    assert manager.components(object(), make_settings(tmp_path)) == [(good, "ticker:KRW-ETH")]
     assert manager.failures == {"bad": 1, "raising": 1}
+
+
+def test_components_are_told_the_bus_and_the_settings_only_form_still_works(
+    tmp_path: Path,
+) -> None:
+    manager = PluginManager()
+    settings_only = Components()
+    manager.register(settings_only, "settings_only")
+    manager.register(BusAwareComponents(), "bus_aware")
+    first, second = object(), object()
+
+    # pluggy calls the later-registered plugin first.
+    assert manager.components(first, make_settings(tmp_path)) == [
+        (first, "trade:KRW-BTC"),
+        (settings_only, "ticker:KRW-ETH"),
+    ]
+    assert manager.components(second, make_settings(tmp_path))[0] == (second, "trade:KRW-BTC")
+    assert manager.failures == {}
 
 
 # -- registration in code ----------------------------------------------------------------

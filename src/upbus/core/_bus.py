@@ -168,7 +168,7 @@ class Bus(AsyncContextManagerMixin):
     async def _start_plugins(self) -> None:
         for awaitable in self.plugins.startup(self):
             await awaitable
-        for component, specs in self.plugins.components(self.settings):
+        for component, specs in self.plugins.components(self, self.settings):
             try:
                 await self.register_component(component, specs)
             except UpbusError as exc:

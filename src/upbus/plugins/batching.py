@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from opentelemetry.trace import Tracer
 
-from upbus.core.hooks._hookspecs import hookimpl
-from upbus.core.sending._batcher import Batcher, PendingTaskBatcher, RequestLimiter, RequestSink
-from upbus.core.subscriptions._manager import SubscriptionManager
-from upbus.core.subscriptions._specs import Channel
-from upbus.settings import Settings
+from upbus import PendingTaskBatcher, Settings, SubscriptionManager
+from upbus.plugin import Batcher, Channel, RequestLimiter, RequestSink, hookimpl
 
 
 @hookimpl(trylast=True)

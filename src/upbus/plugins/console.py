@@ -20,20 +20,26 @@ from __future__ import annotations
 
 import sys
 import time
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, TextIO
+from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from upbus.core.delivery._router import ConnectionEvent, Overflow
-from upbus.core.hooks._hookspecs import hookimpl
-from upbus.core.wire._messages import Candle, Message, MyAsset, MyOrder, Orderbook, Ticker, Trade
+from upbus import Settings
+from upbus.plugin import (
+    Candle,
+    ConnectionEvent,
+    Message,
+    MyAsset,
+    MyOrder,
+    Orderbook,
+    Overflow,
+    Ticker,
+    Trade,
+    hookimpl,
+)
 from upbus.plugins.recording import SpecList
-
-if TYPE_CHECKING:
-    from upbus.core._bus import Bus
 
 __all__ = ("ConsoleSettings", "ConsoleView", "format_line")
 
@@ -139,21 +145,10 @@ class ConsoleView:
         print(line, file=self._out or sys.stdout, flush=True)
 
 
-_views: weakref.WeakKeyDictionary[Bus, ConsoleView] = weakref.WeakKeyDictionary()
-
-
-# Registered at startup and held per bus, as the other bundled consumers are: the
-# components hook is not told which bus it serves, so it could not tie the view's
-# lifetime to it.
+# One view per bus; the bus keeps it alive while it runs, and it holds nothing to close.
 @hookimpl
-def upbus_startup(bus: Bus) -> Awaitable[object] | None:
-    config = bus.settings.plugin_section(NAME, ConsoleSettings)
+def upbus_components(settings: Settings) -> list[tuple[object, Any]]:
+    config = settings.plugin_section(NAME, ConsoleSettings)
     if not config.enabled:
-        return None
-    view = _views[bus] = ConsoleView(config.every)
-    return bus.register_component(view, config.specs)
-
-
-@hookimpl
-def upbus_shutdown(bus: Bus) -> None:
-    _views.pop(bus, None)
+        return []
+    return [(ConsoleView(config.every), config.specs)]

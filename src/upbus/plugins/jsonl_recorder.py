@@ -33,13 +33,12 @@ from typing import TYPE_CHECKING, BinaryIO
 import orjson
 from pydantic import Field
 
-from upbus.core.hooks._hookspecs import hookimpl
-from upbus.core.subscriptions._specs import PRIVATE_TYPES
 from upbus.core.wire._codec import to_default_dict
+from upbus.plugin import PRIVATE_TYPES, hookimpl
 from upbus.plugins.recording import BatchRecorder, FileRecorderSettings, Item, RecorderPlugin
 
 if TYPE_CHECKING:
-    from upbus.core._bus import Bus
+    from upbus import Bus
 
 __all__ = ("JsonlRecorder", "JsonlSettings", "recorder_for")
 

@@ -17,35 +17,29 @@ The strategy API, end to end:
 
 - a component is any object with ``async def on_message(self, message)``; the bus
   calls it with each message the component subscribed to (here
-  ``upbus.ticker(code)``), narrowed to a typed :mod:`upbus.core.wire._messages` struct;
+  ``upbus.ticker(code)``), narrowed to a typed message (:class:`upbus.Ticker` here);
 - ``on_connection_state(event)``, if defined, gets the channel's ``connected``,
   ``gap`` and ``reconnected`` events in order with the data;
 - ``upbus_overflow`` / ``upbus_capacity`` declare what the bus does when the
   component falls behind;
 - register it with ``await bus.register_component(strategy, strategy.specs)`` and
-  keep a reference: the bus holds components weakly.
+  keep a reference: the bus holds components weakly. A plugin contributes it
+  through ``upbus_components`` instead, as this one does; the bus then keeps it.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import weakref
 from collections import deque
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, Self, TextIO
+from typing import Any, Literal, Self, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from upbus.core.delivery._router import ConnectionEvent, Overflow
-from upbus.core.hooks._hookspecs import hookimpl
-from upbus.core.subscriptions._specs import Spec, ticker
-from upbus.core.wire._messages import Message, Ticker
-
-if TYPE_CHECKING:
-    from upbus.core._bus import Bus
+from upbus import OptionError, Settings, Spec, ticker
+from upbus.plugin import ConnectionEvent, Message, Overflow, Ticker, hookimpl
 
 __all__ = ("MaCross", "MaCrossSettings", "Signal")
 
@@ -102,7 +96,7 @@ class MaCross:
 
     def __init__(self, code: str, fast: int = 5, slow: int = 20, *, out: TextIO | None = None):
         if not 1 <= fast < slow:
-            raise ValueError(f"need 1 <= fast < slow, got fast={fast}, slow={slow}")
+            raise OptionError(f"need 1 <= fast < slow, got fast={fast}, slow={slow}")
         self.code = code
         self.signals: list[Signal] = []
         self.resets = 0
@@ -160,20 +154,11 @@ class MaCross:
         print(line, file=self._out or sys.stdout, flush=True)
 
 
-_strategies: weakref.WeakKeyDictionary[Bus, MaCross] = weakref.WeakKeyDictionary()
-
-
-# Registered at startup and held per bus, as the other bundled consumers are: the
-# components hook is not told which bus it serves.
+# One strategy per bus; the bus keeps it alive while it runs, and it holds nothing to close.
 @hookimpl
-def upbus_startup(bus: Bus) -> Awaitable[object] | None:
-    config = bus.settings.plugin_section(NAME, MaCrossSettings)
+def upbus_components(settings: Settings) -> list[tuple[object, Any]]:
+    config = settings.plugin_section(NAME, MaCrossSettings)
     if not config.enabled:
-        return None
-    strategy = _strategies[bus] = MaCross(config.code, config.fast, config.slow)
-    return bus.register_component(strategy, strategy.specs)
-
-
-@hookimpl
-def upbus_shutdown(bus: Bus) -> None:
-    _strategies.pop(bus, None)
+        return []
+    strategy = MaCross(config.code, config.fast, config.slow)
+    return [(strategy, strategy.specs)]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from upbus.core.hooks._hookspecs import hookimpl
-from upbus.core.subscriptions._merge import Merger, RefCountMerger
-from upbus.core.subscriptions._specs import Channel
+from upbus.core.subscriptions._merge import RefCountMerger
+from upbus.plugin import Channel, Merger, hookimpl
 from upbus.settings import Settings
 
 

@@ -23,11 +23,8 @@ import asyncio
 import importlib.util
 import logging
 
-from upbus.core._errors import ConfigError
-from upbus.core.hooks._hookspecs import hookimpl
-from upbus.core.subscriptions._specs import Channel
-from upbus.core.wire._transport import Transport
-from upbus.settings import Settings
+from upbus import ConfigError, Settings
+from upbus.plugin import Channel, Transport, hookimpl
 
 __all__ = ("NAME", "current_async_library", "picows_installed", "upbus_make_transport")
 
@@ -66,10 +63,9 @@ def current_async_library() -> str | None:
 
 @hookimpl
 def upbus_make_transport(channel: Channel, settings: Settings) -> Transport | None:
-    # Not trylast: "auto" must reach this plugin before the default transport. The
-    # replay plugin still wins while a recording is configured: upbus's entry points
-    # load in name order, so it registers after this one and pluggy asks it first
-    # (tests/test_picows_transport.py checks this).
+    # Neither tryfirst nor trylast: "auto" must reach this plugin before the default
+    # transport (trylast), and the replay plugin (tryfirst) must win while a recording
+    # is configured, whatever order the entry points load in.
     choice = settings.transport
     if choice not in ("auto", NAME):
         return None

@@ -8,17 +8,20 @@ connect, because the exchange counts messages per connection.
 
 from __future__ import annotations
 
-from upbus.core.hooks._hookspecs import hookimpl
+from upbus.core._errors import OptionError
 from upbus.core.sending._ratelimit import (
     RollingWindowLimiter,
     upbit_connect_limiter,
     upbit_message_limiter,
 )
+from upbus.plugin import LimiterKind, hookimpl
 from upbus.settings import Settings
 
 
 @hookimpl(trylast=True)
-def upbus_make_rate_limiter(kind: str, scope: str, settings: Settings) -> RollingWindowLimiter:
+def upbus_make_rate_limiter(
+    kind: LimiterKind, scope: str, settings: Settings
+) -> RollingWindowLimiter:
     limits = settings.rate_limit
     if kind == "connect":
         return upbit_connect_limiter(
@@ -39,4 +42,4 @@ def upbus_make_rate_limiter(kind: str, scope: str, settings: Settings) -> Rollin
             backoff_initial=limits.backoff_initial,
             backoff_max=limits.backoff_max,
         )
-    raise ValueError(f"unknown rate limiter kind {kind!r} (expected 'connect' or 'message')")
+    raise OptionError(f"unknown rate limiter kind {kind!r} (expected 'connect' or 'message')")

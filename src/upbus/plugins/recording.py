@@ -39,12 +39,11 @@ import anyio
 import orjson
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from upbus.core.delivery._router import Overflow
-from upbus.core.subscriptions._specs import parse_specs
-from upbus.core.wire._messages import Message
+from upbus import parse_specs
+from upbus.plugin import Message, Overflow
 
 if TYPE_CHECKING:
-    from upbus.core._bus import Bus
+    from upbus import Bus
 
 __all__ = (
     "BatchRecorder",
@@ -373,10 +372,13 @@ R = TypeVar("R", bound=BatchRecorder)
 class RecorderPlugin(Generic[R]):
     """The startup and shutdown hooks of a recording plugin, and its recorder per bus.
 
-    The recorder is made and registered at startup, not through upbus_components:
-    that hook is not told which bus it serves, and the shutdown hook must close the
-    recorder of the bus that is stopping. ``make`` builds the recorder from the path
-    and the batching settings of the plugin's section.
+    The recorder is made at startup rather than contributed through
+    ``upbus_components``: its writer thread must be running, and its sink open,
+    before it is registered (an unwritable path stops it there, and it is never
+    registered), which is async work, and the shutdown hook must close the
+    recorder of the bus that is stopping, so the recorder is kept by bus until
+    then. ``make`` builds the recorder from the path and the batching settings of
+    the plugin's section.
     """
 
     def __init__(

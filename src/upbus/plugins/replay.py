@@ -38,12 +38,17 @@ import anyio.lowlevel
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from upbus.core._errors import ConfigError
-from upbus.core.hooks._hookspecs import hookimpl
-from upbus.core.subscriptions._specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel
-from upbus.core.wire._transport import ConnectionClosed, Transport, TransportError
+from upbus import ConfigError, OptionError, Settings
+from upbus.plugin import (
+    PRIVATE_TYPES,
+    PUBLIC_TYPES,
+    Channel,
+    ConnectionClosed,
+    Transport,
+    TransportError,
+    hookimpl,
+)
 from upbus.plugins.sqlite_store import iter_frames
-from upbus.settings import Settings
 
 __all__ = (
     "END_OF_RECORDING",
@@ -138,7 +143,7 @@ class ReplayTransport:
         types: frozenset[str] | None = None,
     ) -> None:
         if speed is not None and not (math.isfinite(speed) and speed > 0):
-            raise ValueError(f"speed must be a positive number or None, got {speed!r}")
+            raise OptionError(f"speed must be a positive number or None, got {speed!r}")
         self.path = Path(path)
         if not self.path.is_file():
             raise ConfigError(f"plugins.replay.path: no recording at {self.path}")
@@ -264,9 +269,10 @@ class ReplayConnection:
         return ConnectionClosed(self._close_code, "closed by the client")
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def upbus_make_transport(channel: Channel, settings: Settings) -> Transport | None:
-    # Not trylast, unlike the default transport: when a recording is set, this one wins.
+    # tryfirst: a configured recording replaces every transport that connects to the
+    # exchange (the default is trylast, the picows plugin in between).
     config = settings.plugin_section(NAME, ReplaySettings)
     if config.path is None:
         return None

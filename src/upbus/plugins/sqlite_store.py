@@ -44,21 +44,12 @@ import msgspec.inspect as mi
 import orjson
 from pydantic import Field
 
-from upbus.core.hooks._hookspecs import hookimpl
-from upbus.core.wire._messages import (
-    CANDLE_TYPES,
-    Candle,
-    Message,
-    MyAsset,
-    MyOrder,
-    Orderbook,
-    Ticker,
-    Trade,
-)
+from upbus.core.wire._messages import CANDLE_TYPES
+from upbus.plugin import Candle, Message, MyAsset, MyOrder, Orderbook, Ticker, Trade, hookimpl
 from upbus.plugins.recording import BatchRecorder, FileRecorderSettings, Item, RecorderPlugin
 
 if TYPE_CHECKING:
-    from upbus.core._bus import Bus
+    from upbus import Bus
 
 __all__ = (
     "BUSY_TIMEOUT",

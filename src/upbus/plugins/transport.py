@@ -5,14 +5,14 @@ Each channel gets its own transport, and so its own long-lived ``httpx.AsyncClie
 request and each closing step: a peer that cannot complete a round trip in that
 time counts as dead anyway.
 
-It answers when the ``transport`` setting is ``"auto"`` (as the last resort: any
-other transport plugin that can run is asked first) or ``"httpx"``.
+It answers when the ``transport`` setting is ``"auto"`` (as the last resort: it is
+``trylast``, so any other transport plugin that can run is asked first) or ``"httpx"``.
 """
 
 from __future__ import annotations
 
-from upbus.core.hooks._hookspecs import hookimpl
 from upbus.core.wire._httpx import HttpxWsTransport
+from upbus.plugin import hookimpl
 from upbus.settings import Settings
 
 

@@ -12,8 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 import upbus
-from upbus.core.delivery._router import ConnectionEvent
-from upbus.core.wire._messages import Message, Orderbook
+from upbus.plugin import ConnectionEvent, Message, Orderbook, Overflow
 
 log = logging.getLogger("upbus_spread_monitor")
 
@@ -30,7 +29,7 @@ class SpreadMonitor:
     """A component: the bus calls ``on_message`` with each order book it asked for."""
 
     # A monitor wants the newest book, not every book: let the bus conflate.
-    upbus_overflow = "conflate"
+    upbus_overflow: Overflow = "conflate"
 
     def __init__(self, settings: SpreadSettings) -> None:
         self.settings = settings
@@ -57,20 +56,12 @@ class SpreadMonitor:
             self.spreads.clear()  # stale until the next book arrives
 
 
-# The monitors this plugin made, for inspection (the bus keeps them alive while it runs).
-monitors: list[SpreadMonitor] = []
-
-
+# Called once per bus: each bus gets its own monitor, keeps it alive while it runs
+# and drops it when it stops, so the plugin keeps no state of its own.
 @upbus.hookimpl
 def upbus_components(settings: upbus.Settings) -> list[tuple[object, Any]]:
     section = settings.plugin_section("spread_monitor", SpreadSettings)
     if not section.enabled:
         return []
     monitor = SpreadMonitor(section)
-    monitors.append(monitor)
     return [(monitor, monitor.specs())]
-
-
-@upbus.hookimpl
-def upbus_shutdown(bus: Any) -> None:
-    monitors.clear()

@@ -1,7 +1,7 @@
 """The upbus hook specifications (pluggy project ``"upbus"``).
 
-Plugin authors implement these with :data:`upbus.hookimpl` in a module (or class)
-named by an entry point in the ``upbus`` group::
+Plugin authors implement these with :data:`upbus.plugin.hookimpl` in a module (or
+class) named by an entry point in the ``upbus`` group::
 
     [project.entry-points.upbus]
     my_plugin = "my_package.upbus_plugin"
@@ -12,26 +12,32 @@ Rules that hold for every hook:
   of the arguments; do not give its parameters default values.
 - pluggy is synchronous. Hooks never return coroutines: long-lived async work
   lives in the objects a hook returns (a transport, a batcher, a component),
-  which the bus runs in its own task group. Notification hooks (startup,
-  shutdown) may return an awaitable; the bus awaits it.
+  which the bus runs in its own task group. Lifecycle hooks (startup, shutdown)
+  may return an awaitable; the bus awaits it.
 - ``firstresult`` hooks pick one provider: the first non-``None`` answer wins.
   The defaults in :mod:`upbus.plugins` are registered ``trylast``, so any
   installed plugin that answers is asked first.
 - Per-message work is never a hook call: the bus's own code runs per message.
+
+Each spec carries its kind (:data:`HookKind`) in its own marker, set by
+:func:`_spec`; the plugin manager and the documentation test read it from there
+(:data:`HOOKS`), so a hook's kind is written once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import pluggy
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
+    from upbus.core._bus import Bus
     from upbus.core.sending._batcher import Batcher, RequestLimiter, RequestSink
-    from upbus.core.sending._ratelimit import RollingWindowLimiter
     from upbus.core.subscriptions._manager import SubscriptionManager
     from upbus.core.subscriptions._merge import Merger
     from upbus.core.subscriptions._specs import Channel
@@ -39,11 +45,112 @@ if TYPE_CHECKING:
     from upbus.core.wire._transport import Transport
     from upbus.settings import Settings
 
-__all__ = ("PROJECT", "UpbusHookSpecs", "hookimpl", "hookspec")
+__all__ = (
+    "HOOKS",
+    "PROJECT",
+    "ConnectionState",
+    "HookKind",
+    "HookSpec",
+    "LimiterKind",
+    "RateLimiter",
+    "UpbusHookSpecs",
+    "hookimpl",
+    "hookspec",
+)
 
 PROJECT = "upbus"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+LimiterKind = Literal["connect", "message"]
+"""What a rate limiter counts: connection attempts of a scope, or requests of one connection."""
+
+ConnectionState = Literal[
+    "idle", "connecting", "connected", "gap", "backoff", "reconnected", "closed"
+]
+"""The states a connection reports through ``upbus_connection_state``."""
+
+HookKind = Literal["policy", "consumer", "lifecycle", "observation"]
+"""How the bus calls a hook.
+
+- ``policy``: ``firstresult``; the first non-``None`` answer wins, and an answer
+  is required; errors propagate.
+- ``consumer``: every implementation, each on its own (one that raises is logged
+  and counted, the others still run); answers are collected.
+- ``lifecycle``: like ``consumer``; an implementation may be ``async def`` or
+  return an awaitable, which the bus awaits.
+- ``observation``: like ``consumer``; answers are ignored, keep it quick.
+"""
+
+
+class RateLimiter(Protocol):
+    """What the bus and the batcher use of a rate limiter (``upbus_make_rate_limiter``).
+
+    :class:`upbus.RollingWindowLimiter` is the default implementation.
+    """
+
+    async def wait(self, max_wait: float | None = None) -> float:
+        """Wait until one grant is allowed, without taking it; return the seconds waited.
+
+        Raises :class:`upbus.LimiterWaitExpired` when that takes longer than ``max_wait``.
+        """
+        ...
+
+    def take(self, now: float | None = None) -> None:
+        """Record one grant at ``now`` (default: the limiter's clock)."""
+        ...
+
+    async def acquire(self, max_wait: float | None = None) -> float:
+        """:meth:`wait`, then :meth:`take`; return the seconds waited."""
+        ...
+
+    def back_off(self, now: float | None = None) -> float:
+        """The exchange answered "Too Many Requests": block grants for a while; return how long."""
+        ...
+
+    def status(self, now: float | None = None) -> dict[str, object]:
+        """A snapshot of usage and statistics, shown by ``Bus.get_rate_limiter_status()``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class HookSpec:
+    """What the bus knows of one hook, read from its spec.
+
+    :ivar name: the hook's name.
+    :ivar kind: how it is called (:data:`HookKind`).
+    :ivar default: the bundled plugin (entry-point name) that answers a policy hook
+        by default, so "nobody answered" can say why; ``None`` for other hooks.
+    """
+
+    name: str
+    kind: HookKind
+    default: str | None = None
+
+    @property
+    def firstresult(self) -> bool:
+        """Whether the first non-``None`` answer ends the call (policy hooks)."""
+        return self.kind == "policy"
+
+    @property
+    def may_be_async(self) -> bool:
+        """Whether an implementation may be ``async def`` or return an awaitable."""
+        return self.kind == "lifecycle"
+
+
+_F = TypeVar("_F", bound=Callable[..., object])
+# The attribute _spec sets on a spec function; pluggy's own marker sets "upbus_spec".
+_KIND_ATTRIBUTE = "upbus_kind"
+
+
+def _spec(kind: HookKind, *, default: str | None = None) -> Callable[[_F], _F]:
+    """Mark a hook spec for pluggy (``firstresult`` for policy hooks) and record its kind."""
+
+    def mark(function: _F) -> _F:
+        setattr(function, _KIND_ATTRIBUTE, HookSpec(function.__name__, kind, default))
+        return hookspec(firstresult=kind == "policy")(function)
+
+    return mark
 
 
 class UpbusHookSpecs:
@@ -51,18 +158,20 @@ class UpbusHookSpecs:
 
     # -- policy: one provider each -------------------------------------------------------
 
-    @hookspec(firstresult=True)
+    @_spec("policy", default="merge")
     def upbus_make_merger(self, channel: Channel, settings: Settings) -> Merger | None:
         """Make the object that merges wishes into wire entries for ``channel``.
 
-        :param channel: public or private.
+        Called once per channel when the ``Bus`` is constructed.
+
+        :param channel: ``Channel.PUBLIC`` or ``Channel.PRIVATE``.
         :param settings: the effective settings.
-        :returns: a :class:`~upbus.core.subscriptions._merge.Merger`, or ``None`` to let another
-            plugin answer. Default: reference counting
-            (:class:`~upbus.core.subscriptions._merge.RefCountMerger`).
+        :returns: a :class:`~upbus.plugin.Merger`, or ``None`` to let another plugin
+            answer. Default: reference counts per (type, code, level)
+            (``RefCountMerger``).
         """
 
-    @hookspec(firstresult=True)
+    @_spec("policy", default="batching")
     def upbus_make_batcher(
         self,
         channel: Channel,
@@ -74,66 +183,116 @@ class UpbusHookSpecs:
     ) -> Batcher | None:
         """Make the batcher that sends ``channel``'s merged state through ``sink``.
 
-        :param channel: public or private.
+        Called once per channel when the bus starts.
+
+        :param channel: ``Channel.PUBLIC`` or ``Channel.PRIVATE``.
         :param settings: the effective settings (``debounce``, ``rate_limit.max_wait``).
-        :param manager: the subscription manager whose state is sent.
-        :param sink: the connection the requests go to.
-        :param limiter: the connection's request limiter.
-        :param tracer: where its send spans go (the bus's tracer).
-        :returns: a :class:`~upbus.core.sending._batcher.Batcher`, or ``None``. Default: one
-            pending task per connection
-            (:class:`~upbus.core.sending._batcher.PendingTaskBatcher`).
+        :param manager: the subscription manager whose state is sent
+            (``manager.state(channel)``, ``manager.version(channel)``).
+        :param sink: where the requests go (``await sink.send_state(state)``).
+        :param limiter: the request budget (``await limiter.wait(max_wait)``, then
+            ``limiter.take()``).
+        :param tracer: the bus's OpenTelemetry tracer, for the send spans.
+        :returns: a :class:`~upbus.plugin.Batcher`, or ``None``. Default: one pending
+            task per connection (:class:`upbus.PendingTaskBatcher`).
         """
 
-    @hookspec(firstresult=True)
+    @_spec("policy", default="ratelimit")
     def upbus_make_rate_limiter(
-        self, kind: str, scope: str, settings: Settings
-    ) -> RollingWindowLimiter | None:
+        self, kind: LimiterKind, scope: str, settings: Settings
+    ) -> RateLimiter | None:
         """Make a rate limiter.
 
-        :param kind: ``"connect"`` (connection attempts of one scope, shared by
-            every connection of the bus) or ``"message"`` (request messages of one connection).
-        :param scope: what the limit counts: ``"ip"`` or ``"account:<id>"`` for
-            connects, the connection's name for messages.
+        Connect limiters are asked for once per scope when the bus starts; message
+        limiters at every connect, since the exchange counts messages per connection.
+
+        :param kind: ``"connect"`` (connection attempts of one scope, shared by every
+            connection of the bus) or ``"message"`` (request messages of one connection).
+        :param scope: what the limit counts: ``"ip"`` or ``"account:<hash>"`` for
+            connects, the connection's name (``"public#3"``) for messages.
         :param settings: the effective settings (``rate_limit``).
-        :returns: a limiter with ``wait``/``take``/``acquire``/``back_off``/``status``,
-            or ``None``. Default: rolling windows per the exchange's documented limits.
+        :returns: a :class:`~upbus.plugin.RateLimiter`, or ``None``. Default: rolling
+            windows per the exchange's documented limits (:class:`upbus.RollingWindowLimiter`).
         """
 
-    @hookspec(firstresult=True)
+    @_spec("policy", default="transport")
     def upbus_make_transport(self, channel: Channel, settings: Settings) -> Transport | None:
         """Make the transport that opens ``channel``'s WebSocket connections.
 
-        :returns: a :class:`~upbus.core.wire._transport.Transport`, or ``None``.
-            Default: httpx + httpx-ws.
+        Called once per channel when the bus starts; its ``aclose()`` when it stops.
+
+        :param channel: ``Channel.PUBLIC`` or ``Channel.PRIVATE``.
+        :param settings: the effective settings (``transport``, ``heartbeat_timeout``,
+            plugin sections).
+        :returns: a :class:`~upbus.plugin.Transport`, or ``None``. Default: an httpx
+            upgrade, then upbus's own wsproto read loop (``HttpxWsTransport``).
         """
 
     # -- consumers -----------------------------------------------------------------------
 
-    @hookspec
-    def upbus_components(self, settings: Settings) -> Sequence[tuple[object, Any]] | None:
+    @_spec("consumer")
+    def upbus_components(self, bus: Bus, settings: Settings) -> Sequence[tuple[object, Any]] | None:
         """Contribute components: ``(component, specs)`` pairs the bus registers at start.
 
-        The plugin's own settings section is ``settings.plugins[<entry-point name>]``.
-        A component is any weak-referenceable object; the bus keeps the components
-        contributed here alive while it runs.
+        Called when the bus starts, after the ``upbus_startup`` awaitables. The bus
+        keeps each contributed component alive while it runs, so a plugin needs no
+        state of its own to hold them.
+
+        :param bus: the bus that starts; a plugin that contributes to several buses
+            tells them apart by it.
+        :param settings: the bus's settings; the plugin's own section is
+            ``settings.plugin_section(<entry-point name>, Model)``.
+        :returns: a sequence of ``(component, specs)`` pairs, or ``None``. ``specs``
+            is anything ``Bus.register_component`` accepts.
         """
 
     # -- lifecycle and observation -------------------------------------------------------
 
-    @hookspec
-    def upbus_startup(self, bus: Any) -> Awaitable[None] | None:
-        """The bus has started; may return an awaitable, which the bus awaits."""
+    @_spec("lifecycle")
+    def upbus_startup(self, bus: Bus) -> Awaitable[None] | None:
+        """The bus has started its connections and batchers.
 
-    @hookspec
-    def upbus_shutdown(self, bus: Any) -> Awaitable[None] | None:
-        """The bus is stopping; may return an awaitable, awaited before connections close."""
+        :param bus: the bus that started.
+        :returns: ``None`` or an awaitable (or be ``async def``), which the bus awaits.
+        """
 
-    @hookspec
-    def upbus_connection_state(self, channel: Channel, state: str, detail: str) -> None:
-        """A connection changed state: ``idle``, ``connecting``, ``connected``, ``gap``,
-        ``backoff``, ``reconnected`` or ``closed``. Called on the event loop; keep it quick."""
+    @_spec("lifecycle")
+    def upbus_shutdown(self, bus: Bus) -> Awaitable[None] | None:
+        """The bus is stopping: receiving has stopped and components have drained.
 
-    @hookspec
+        Called on every exit from ``async with bus``, shielded from cancellation,
+        before the bus's tasks are cancelled and the transports closed.
+
+        :param bus: the bus that stops.
+        :returns: ``None`` or an awaitable (or be ``async def``), which the bus awaits.
+        """
+
+    @_spec("observation")
+    def upbus_connection_state(self, channel: Channel, state: ConnectionState, detail: str) -> None:
+        """A connection changed state. Called on the event loop; keep it quick.
+
+        :param channel: the connection's channel.
+        :param state: ``idle``, ``connecting``, ``connected``, ``gap``, ``backoff``,
+            ``reconnected`` or ``closed``.
+        :param detail: a URL or a reason.
+        """
+
+    @_spec("observation")
     def upbus_request_sent(self, channel: Channel, state: MergedState, size: int) -> None:
-        """A request frame installing ``state`` went out (``size`` bytes)."""
+        """A subscription request went out. Called on the event loop; keep it quick.
+
+        Not called for the text ``PING``, ``LIST_SUBSCRIPTIONS`` or an empty state.
+
+        :param channel: the connection's channel.
+        :param state: the merged state the request installs.
+        :param size: the frame's size in bytes.
+        """
+
+
+def _read_kinds() -> Mapping[str, HookSpec]:
+    found = (getattr(value, _KIND_ATTRIBUTE, None) for value in vars(UpbusHookSpecs).values())
+    return MappingProxyType({info.name: info for info in found if isinstance(info, HookSpec)})
+
+
+HOOKS: Mapping[str, HookSpec] = _read_kinds()
+"""Every hook, by name, with the kind its spec declares."""

@@ -12,10 +12,13 @@ The bus calls hooks only through the typed methods here:
 - policy hooks (``make_merger``, ``make_batcher``, ``make_rate_limiter``,
   ``make_transport``) must be answered; their errors propagate, and a missing
   answer raises :class:`~upbus.core._errors.PluginError` that says why;
-- notification hooks (``components``, ``startup``, ``shutdown``,
+- the other hooks (``components``, ``startup``, ``shutdown``,
   ``connection_state``, ``request_sent``) run every implementation; one that
   raises is logged under its plugin's name and counted in
   :attr:`PluginManager.failures`, and the others still run.
+
+Which hook is which, and which default answers a policy hook, is read from the
+specs' own markers (:data:`~upbus.core.hooks._hookspecs.HOOKS`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import re
 import types
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -35,9 +38,10 @@ from opentelemetry.trace import Tracer
 
 from upbus.core._errors import PluginError, PluginLoadError
 from upbus.core._telemetry import get_tracer
-from upbus.core.hooks._hookspecs import PROJECT, UpbusHookSpecs
+from upbus.core.hooks._hookspecs import HOOKS, PROJECT, LimiterKind, UpbusHookSpecs
 
 if TYPE_CHECKING:
+    from upbus.core._bus import Bus
     from upbus.core.sending._batcher import Batcher, RequestLimiter, RequestSink
     from upbus.core.sending._ratelimit import RollingWindowLimiter
     from upbus.core.subscriptions._manager import SubscriptionManager
@@ -53,28 +57,6 @@ _log = logging.getLogger("upbus.plugins")
 
 #: The distribution whose entry points are the defaults (PEP 503-normalised).
 _OWN_DISTRIBUTION = "upbus"
-
-#: Which default plugin answers each policy hook, so "nobody answered" can say why.
-#: Kept by hand: a disabled default is never imported, so its hooks can't be read.
-_DEFAULT_PROVIDERS: Mapping[str, str] = {
-    "upbus_make_merger": "merge",
-    "upbus_make_batcher": "batching",
-    "upbus_make_rate_limiter": "ratelimit",
-    "upbus_make_transport": "transport",
-}
-
-#: Hooks called one implementation at a time with failures isolated (see ``_notify``).
-_NOTIFICATION_HOOKS = frozenset(
-    {
-        "upbus_components",
-        "upbus_startup",
-        "upbus_shutdown",
-        "upbus_connection_state",
-        "upbus_request_sent",
-    }
-)
-#: Notification hooks whose implementations may be ``async def``: the bus awaits them.
-_MAY_BE_ASYNC = frozenset({"upbus_startup", "upbus_shutdown"})
 
 PluginState = Literal["loaded", "disabled", "failed"]
 
@@ -126,7 +108,7 @@ class PluginManager:
         self._pm = pluggy.PluginManager(PROJECT)
         self._pm.add_hookspecs(UpbusHookSpecs)
         self._records: list[_Record] = []
-        #: Exceptions raised by notification-hook implementations, by plugin name.
+        #: Exceptions raised by implementations of the non-policy hooks, by plugin name.
         self.failures: Counter[str] = Counter()
 
     # -- loading -------------------------------------------------------------------------
@@ -276,12 +258,12 @@ class PluginManager:
                 if caller.spec is None:
                     if not impl.optionalhook:
                         problem = f"implements unknown hook {caller.name!r}"
-                elif _is_async(impl.function) and caller.name not in _MAY_BE_ASYNC:
+                elif _is_async(impl.function) and not HOOKS[caller.name].may_be_async:
                     problem = (
                         f"implements {caller.name!r} with 'async def'; this hook must be "
                         "synchronous (return an object whose methods are async instead)"
                     )
-                elif caller.name in _NOTIFICATION_HOOKS and (impl.wrapper or impl.hookwrapper):
+                elif not HOOKS[caller.name].firstresult and (impl.wrapper or impl.hookwrapper):
                     problem = f"wraps {caller.name!r}; wrappers are not supported for it"
                 if problem is not None:
                     raise pluggy.PluginValidationError(plugin, f"plugin {name!r} {problem}")
@@ -335,7 +317,9 @@ class PluginManager:
         )
         return cast("Batcher", result)
 
-    def make_rate_limiter(self, kind: str, scope: str, settings: Settings) -> RollingWindowLimiter:
+    def make_rate_limiter(
+        self, kind: LimiterKind, scope: str, settings: Settings
+    ) -> RollingWindowLimiter:
         """A ``"connect"`` or ``"message"`` limiter for ``scope``.
 
         Hook ``upbus_make_rate_limiter``.
@@ -365,7 +349,7 @@ class PluginManager:
         return result
 
     def _why_none(self, hook_name: str) -> str:
-        default = _DEFAULT_PROVIDERS.get(hook_name)
+        default = HOOKS[hook_name].default
         if default is None:
             return "no implementation returned a value"
         record = next((r for r in self._records if r.name == default), None)
@@ -377,16 +361,16 @@ class PluginManager:
             return f"the default plugin {default!r} is not installed"
         return "every implementation returned None"
 
-    # -- notification hooks: every implementation, failures isolated --------------------
+    # -- the other hooks: every implementation, failures isolated ------------------------
 
-    def components(self, settings: Settings) -> list[tuple[object, Any]]:
-        """Every ``(component, specs)`` pair the plugins contribute, in call order.
+    def components(self, bus: Bus, settings: Settings) -> list[tuple[object, Any]]:
+        """Every ``(component, specs)`` pair the plugins contribute to ``bus``, in call order.
 
         A plugin whose answer is not a sequence of pairs contributes nothing and
         counts as a failure.
         """
         pairs: list[tuple[object, Any]] = []
-        for name, result in self._notify("upbus_components", settings=settings):
+        for name, result in self._notify("upbus_components", bus=bus, settings=settings):
             if inspect.isawaitable(result):
                 self._bad_result(name, "upbus_components", result)
                 continue
@@ -400,7 +384,7 @@ class PluginManager:
             pairs.extend(contributed)
         return pairs
 
-    def startup(self, bus: Any) -> list[Awaitable[None]]:
+    def startup(self, bus: Bus) -> list[Awaitable[None]]:
         """Call ``upbus_startup``; return the awaitables for the bus to await.
 
         Each awaitable is wrapped so that an exception while awaiting it is
@@ -408,7 +392,7 @@ class PluginManager:
         """
         return self._awaitables("upbus_startup", bus)
 
-    def shutdown(self, bus: Any) -> list[Awaitable[None]]:
+    def shutdown(self, bus: Bus) -> list[Awaitable[None]]:
         """Call ``upbus_shutdown``; return the awaitables to await, as :meth:`startup` does."""
         return self._awaitables("upbus_shutdown", bus)
 
@@ -428,7 +412,7 @@ class PluginManager:
             if inspect.isawaitable(result):
                 self._bad_result(name, "upbus_request_sent", result)
 
-    def _awaitables(self, hook_name: str, bus: Any) -> list[Awaitable[None]]:
+    def _awaitables(self, hook_name: str, bus: Bus) -> list[Awaitable[None]]:
         pending: list[Awaitable[None]] = []
         for name, result in self._notify(hook_name, bus=bus):
             if inspect.isawaitable(result):
@@ -476,7 +460,7 @@ class PluginManager:
         if inspect.iscoroutine(result):
             result.close()
         self.failures[name] += 1
-        expected = "an awaitable or None" if hook_name in _MAY_BE_ASYNC else "no awaitable"
+        expected = "an awaitable or None" if HOOKS[hook_name].may_be_async else "no awaitable"
         _log.error(
             "plugin %r returned %s from %s; expected %s",
             name,
