@@ -191,8 +191,9 @@ class Settings(BaseSettings):
         default="auto",
         description=(
             "Which transport plugin opens connections: 'auto' lets an installed fast "
-            "transport plugin take over where it can run, else the default (httpx + "
-            "httpx-ws); a plugin's name ('httpx', 'picows') asks for that one."
+            "transport plugin take over where it can run, else the default (an httpx "
+            "upgrade, then wsproto framing); a plugin's name ('httpx', 'picows') asks "
+            "for that one."
         ),
     )
     text_ping: bool = Field(

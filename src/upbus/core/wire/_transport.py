@@ -1,10 +1,11 @@
 """The transport interface: how bytes reach the exchange.
 
-The default implementation (httpx + httpx-ws) is a plugin; another one (a faster
-socket library, a replay of a recording, a bridge) replaces it through the
-``upbus_make_transport`` hook. The interface is deliberately small and
-batch-oriented: one ``receive_batch`` call returns every complete frame that one
-socket read produced, so the per-message path needs no task hop.
+The default implementation (an httpx upgrade, then upbus's own framing with
+wsproto) is a plugin; another one (a faster socket library, a replay of a
+recording, a bridge) replaces it through the ``upbus_make_transport`` hook. The
+interface is deliberately small and batch-oriented: one ``receive_batch`` call
+returns every complete frame that one socket read produced, so the per-message path
+needs no task hop.
 """
 
 from __future__ import annotations
