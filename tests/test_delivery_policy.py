@@ -340,12 +340,16 @@ class Stuck:
     def __init__(self) -> None:
         self.release = threading.Event()
         self.entered = threading.Event()
+        self.connected = threading.Event()
         self.calls = 0
 
     def on_message(self, message: Message) -> None:
         self.calls += 1
         self.entered.set()
         self.release.wait(30)
+
+    def on_connection_state(self, event: upbus.ConnectionEvent) -> None:
+        self.connected.set()
 
 
 @pytest.mark.anyio
@@ -357,6 +361,9 @@ async def test_shutdown_ends_within_the_drain_limit_and_names_a_stuck_component(
         with anyio.fail_after(8):
             async with make_bus(sim, shutdown_drain=0.5) as bus:
                 await bus.register_component(stuck, [upbus.trade(QUIET)])
+                # The registration connects: its event is handled before the trades
+                # come, or it could be among the items counted below.
+                assert await anyio.to_thread.run_sync(stuck.connected.wait, 5)
                 bus.router.deliver([make_trade(QUIET, n) for n in range(10)])  # one batch
                 assert await anyio.to_thread.run_sync(stuck.entered.wait, 5)
                 bus.router.deliver([make_trade(QUIET, n) for n in range(10, 15)])  # buffered
