@@ -13,9 +13,8 @@ import pytest
 from factories import START_MS, make_ticker
 
 import upbus
-from upbus.core.delivery._router import ConnectionEvent
+from upbus import ConnectionEvent, Message, Ticker, Trade
 from upbus.core.wire._codec import to_default_dict
-from upbus.core.wire._messages import Message, Ticker, Trade
 from upbus.plugins.console import ConsoleSettings, ConsoleView, format_line
 from upbus.plugins.ma_cross import MaCross, MaCrossSettings
 from upbus.plugins.replay import END_OF_RECORDING

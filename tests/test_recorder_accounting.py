@@ -32,7 +32,7 @@ import pytest
 from anyio.abc import TaskStatus
 from factories import make_ticker
 
-from upbus.core.wire._messages import Message
+from upbus import Message
 from upbus.plugins.recording import BatchRecorder, Item
 from upbus.plugins.sqlite_store import TABLES
 

@@ -13,11 +13,17 @@ import pytest
 from factories import make_ticker
 
 import upbus
-from upbus.core.delivery._router import ConnectionEvent
-from upbus.core.subscriptions._specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel
 from upbus.core.wire._codec import FrameDecoder, to_default_dict
-from upbus.core.wire._messages import Message, Status, Ticker
-from upbus.core.wire._transport import ConnectionClosed
+from upbus.core.wire._messages import Status
+from upbus.plugin import (
+    PRIVATE_TYPES,
+    PUBLIC_TYPES,
+    Channel,
+    ConnectionClosed,
+    ConnectionEvent,
+    Message,
+    Ticker,
+)
 from upbus.plugins import jsonl_recorder, replay, sqlite_store
 from upbus.plugins.replay import END_OF_RECORDING, ReplayTransport
 from upbus.sim import SimConfig, Simulator

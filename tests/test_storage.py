@@ -16,9 +16,9 @@ import anyio
 import pytest
 
 import upbus
-from upbus.core.subscriptions._specs import PRIVATE_TYPES
 from upbus.core.wire._codec import FrameDecoder
-from upbus.core.wire._messages import ErrorMessage, Message, Status, SubscriptionList, Trade
+from upbus.core.wire._messages import ErrorMessage, Status, SubscriptionList
+from upbus.plugin import PRIVATE_TYPES, Message, Trade
 from upbus.plugins import sqlite_store
 from upbus.plugins.sqlite_store import SqliteStore, summarize
 from upbus.sim import SimConfig, Simulator
@@ -239,7 +239,7 @@ def test_an_exiting_interpreter_still_writes_what_was_accepted(tmp_path: Path) -
     db = tmp_path / "x.db"
     script = f"""
 import anyio
-from upbus.core.wire._messages import Trade
+from upbus import Trade
 from upbus.plugins.sqlite_store import SqliteStore
 
 async def main():
