@@ -1,4 +1,7 @@
-"""SubscriptionManager: exact merged state under any interleaving (invariants 1 and 6)."""
+"""SubscriptionManager: exact merged state under any interleaving.
+
+Invariants 1 ("merged state is exact") and 6 ("weak references cannot corrupt state").
+"""
 
 from __future__ import annotations
 
@@ -186,7 +189,7 @@ specs_strategy = st.lists(spec_strategy, max_size=4)
 
 
 def expected_entries(live_specs: list[tuple[Spec, ...]], channel: Channel) -> set[WireEntry]:
-    """The seed's full recomputation, written plainly and independently of the merger."""
+    """The full recomputation of the original design, written plainly and apart from the merger."""
     wanted: dict[tuple[str, str | None, float], list[tuple[int, str]]] = defaultdict(list)
     for specs in live_specs:
         for spec in specs:

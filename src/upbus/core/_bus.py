@@ -1,8 +1,10 @@
 """Bus: the one object users start.
 
-It loads settings and plugins, owns the task group, the SubscriptionManager, a
-batcher and a WebSocketManager per channel, the rate limiters and the router, and
-exposes the seed's debug entry points::
+It loads settings and plugins, owns the task group, the registry of components
+(shared by the SubscriptionManager and the delivery), a batcher and a
+WebSocketManager per channel, the rate limiters and the router, and exposes the
+debug entry points the original design names (``get_subscription_stats()`` and
+the others). It runs as an async context manager::
 
     async with upbus.Bus() as bus:
         await bus.register_component(chart, [upbus.ticker("KRW-BTC")])
@@ -12,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import weakref
-from collections import deque
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Self
 
@@ -24,7 +24,8 @@ from anyio.abc import TaskGroup
 from opentelemetry.trace import TracerProvider
 
 from upbus.core._connection import WebSocketManager
-from upbus.core._errors import BusNotRunning, ComponentError, ConfigError, UpbusError
+from upbus.core._errors import BusNotRunning, ConfigError, UpbusError
+from upbus.core._registry import Entry, Registry
 from upbus.core._telemetry import get_tracer
 from upbus.core.delivery._events import ConnectionEvent, Rejected
 from upbus.core.delivery._router import (
@@ -89,18 +90,18 @@ class Bus(AsyncContextManagerMixin):
             plugin_manager if plugin_manager is not None else PluginManager.load(self.settings)
         )
         self._tracer = get_tracer(tracer_provider)
+        # One registry for the subscriptions and the delivery: each entry holds a
+        # component's wishes and its Subscriber.
+        self._registry = Registry()
         self.subscriptions = SubscriptionManager(
-            lambda channel: self.plugins.make_merger(channel, self.settings), tracer=self._tracer
+            lambda channel: self.plugins.make_merger(channel, self.settings),
+            tracer=self._tracer,
+            registry=self._registry,
         )
+        self._registry.add_listener(self._left)
         self.router = Router()
-        # id(component) -> its buffer, whose owner is a weak reference to it
-        self._subscribers: dict[int, Subscriber] = {}
-        # id() of each owner weakref -> its key (weakrefs of unhashable objects can't be keys)
-        self._keys: dict[int, int] = {}
-        self._dead: deque[weakref.ref[Any]] = deque()
-        self._on_death = self._dead.append  # one bound method shared by every weakref
         self._delivery = Delivery(self.settings.shutdown_drain)
-        self.stall_watch = StallWatch(self._label_of)
+        self.stall_watch = StallWatch(self._registry.label_of)
         # "new", then "running", then "closed": a bus runs once.
         self._phase = "new"
         self._connect_limiters: dict[str, RollingWindowLimiter] = {}
@@ -147,7 +148,7 @@ class Bus(AsyncContextManagerMixin):
                             # component take what its buffer holds, lossless buffers
                             # included, bounded so a stuck component cannot hang exit.
                             self._phase = "closed"
-                            self._delivery.stop(self._subscribers.values())
+                            self._delivery.stop(self._subscribers())
                 finally:
                     # Step 3: plugins flush what they accepted (storage); then the rest stops.
                     with anyio.CancelScope(shield=True):
@@ -256,30 +257,25 @@ class Bus(AsyncContextManagerMixin):
     ) -> None:
         # The manager has logged the decision; each owner hears it in its stream.
         for component, wishes in rejected:
-            subscriber = self._subscribers.get(id(component))
-            if subscriber is not None and _owner(subscriber) is component:
-                subscriber.put(Rejected(channel.value, wishes, detail))
+            entry = self._registry.get(component)
+            if entry is not None and entry.subscriber is not None:
+                entry.subscriber.put(Rejected(channel.value, wishes, detail))
 
     async def _sweep(self) -> None:
         while True:
             await anyio.sleep(SWEEP_INTERVAL)
-            self._collect()
+            # Only the components whose weakref callbacks fired: no scan of the live ones.
+            self.subscriptions.collect_garbage()
             # Idle components then cost no task at all.
             self._delivery.dismiss_idle()
-            self._delivery.report(self._subscribers.values())
+            self._delivery.report(self._subscribers())
 
-    def _collect(self) -> None:
-        self.subscriptions.collect_garbage()
-        # Only the components whose weakref callbacks fired: no scan of the live ones.
-        dead = self._dead
-        while dead:
-            ref = dead.popleft()
-            key = self._keys.pop(id(ref), None)
-            subscriber = None if key is None else self._subscribers.get(key)
-            if key is not None and subscriber is not None and subscriber.owner is ref:
-                self._forget(key, subscriber)
+    def _subscribers(self) -> Iterator[Subscriber]:
+        for entry in self._registry:
+            if entry.subscriber is not None:
+                yield entry.subscriber
 
-    # -- the seed's API --------------------------------------------------------------------
+    # -- the API of the original design ---------------------------------------------------
 
     async def register_component(
         self,
@@ -328,7 +324,7 @@ class Bus(AsyncContextManagerMixin):
             else getattr(component, "upbus_capacity", DEFAULT_CAPACITY)
         )
         check_overflow(size, policy)
-        parsed = parse_specs(specs)
+        parsed = tuple(parse_specs(specs))
         self._check_private(parsed)
         callback = callable(getattr(component, "on_message", None))
         if self._phase == "closed":
@@ -340,61 +336,33 @@ class Bus(AsyncContextManagerMixin):
                 "the bus is not running: use it as `async with Bus() as bus:` "
                 "before registering a component with on_message"
             )
-        self._collect()
-        key = id(component)
-        subscriber = self._subscribers.get(key)
-        if subscriber is not None and _owner(subscriber) is not component:
-            # The id belonged to a component that died before its callback was drained.
-            self._forget(key, subscriber)
-            subscriber = None
+        # Collects the dead first; raises ComponentError before anything changes.
+        entry = self.subscriptions.register(component, parsed)
+        subscriber = entry.subscriber
         if subscriber is None:
-            try:
-                # The callback may run at any bytecode: it only enqueues.
-                ref = weakref.ref(component, self._on_death)
-            except TypeError:
-                raise ComponentError(
-                    f"{type(component).__name__} objects cannot be components: upbus holds "
-                    "components by weak reference"
-                ) from None
-            label = f"{type(component).__name__}@{key:x}"
-            subscriber = Subscriber(label, size, policy)
-            subscriber.owner = ref
-            self.subscriptions.register_component(component, parsed)
-            self._subscribers[key] = subscriber
-            self._keys[id(ref)] = key
-            if callback:
-                # Its delivery task starts with the first message.
-                subscriber.starter = self._delivery.start
-        else:
-            self.subscriptions.register_component(component, parsed)
-            if overflow is not None or capacity is not None:
-                subscriber.configure(size, policy)
-        self.router.add(subscriber, (wish for spec in parsed for wish in spec.wishes()))
+            subscriber = Subscriber(entry.label, size, policy)
+            # A callback component's delivery task starts with its first message.
+            entry.attach(subscriber, self._delivery.start if callback else None)
+        elif overflow is not None or capacity is not None:
+            subscriber.configure(size, policy)
+        public, private = entry.wishes  # the manager's Wish objects, not a second set
+        self.router.add(subscriber, public + private)
         return subscriber
 
     async def unregister_component(self, component: object) -> bool:
         """Remove ``component``'s subscriptions; return whether it was registered."""
-        found = self.subscriptions.unregister_component(component)
-        subscriber = self._subscribers.get(id(component))
-        if subscriber is not None and _owner(subscriber) is component:
-            self._forget(id(component), subscriber)
-        return found
+        return self.subscriptions.unregister_component(component)
 
-    def _forget(self, key: int, subscriber: Subscriber) -> None:
-        del self._subscribers[key]
-        self._keys.pop(id(subscriber.owner), None)
+    def _left(self, entry: Entry, reason: str) -> None:
+        # A registry listener: the component unregistered or was garbage-collected.
+        subscriber = entry.detach()
+        if subscriber is None:
+            return
         self.router.remove(subscriber)
         self._delivery.forget(subscriber)
         subscriber.close()
 
-    def _label_of(self, obj: object) -> str | None:
-        # Called from the stall watch's thread: reads only.
-        subscriber = self._subscribers.get(id(obj))
-        if subscriber is None or _owner(subscriber) is not obj:
-            return None
-        return subscriber.label
-
-    def _check_private(self, specs: list[Spec]) -> None:
+    def _check_private(self, specs: tuple[Spec, ...]) -> None:
         private = [spec.type for spec in specs if spec.channel is Channel.PRIVATE]
         if private and (self.settings.access_key is None or self.settings.secret_key is None):
             raise ConfigError(
@@ -407,7 +375,7 @@ class Bus(AsyncContextManagerMixin):
     def get_subscription_stats(self) -> dict[str, Any]:
         """Live components, merged entries and codes per channel, and per-subscriber buffers."""
         stats = self.subscriptions.get_subscription_stats()
-        stats["subscribers"] = [subscriber.stats() for subscriber in self._subscribers.values()]
+        stats["subscribers"] = [subscriber.stats() for subscriber in self._subscribers()]
         # Delivery tasks run only for components with work lately (ended when idle).
         stats["delivery_tasks"] = self._delivery.tasks
         stats["router"] = self.router.stats()
@@ -432,11 +400,6 @@ class Bus(AsyncContextManagerMixin):
     def get_pending_task_status(self) -> dict[str, Any]:
         """Per channel: whether a send task is pending, its phase, and its counters."""
         return {ch.value: batcher.status() for ch, batcher in self._batchers.items()}
-
-
-def _owner(subscriber: Subscriber) -> Any:
-    owner = subscriber.owner
-    return None if owner is None else owner()
 
 
 def _no_headers() -> Mapping[str, str]:

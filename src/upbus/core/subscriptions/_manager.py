@@ -4,10 +4,10 @@ Each operation is synchronous and contains no await, so it is atomic on the even
 loop without a lock: validate, update the reference counts, bump the channel's
 version when its wire entries changed, then tell the listeners.
 
-Components are held weakly. A weakref callback can run at any bytecode, even in
-the middle of an update, so it only appends a token to a queue; the queue is
-drained at the start of every operation and before every send
-(:meth:`SubscriptionManager.collect_garbage`).
+Components live in a :class:`~upbus.core._registry.Registry` (weakly held, one
+entry per registration): the manager's own, or the Bus's, which its delivery
+shares. Dead components are collected at the start of every operation and before
+every send (:meth:`SubscriptionManager.collect_garbage`).
 
 Keys (type, code, level) that the exchange refused are *excluded*: their wishes stay
 registered but out of the merged state (see :mod:`upbus.core.subscriptions._quarantine`). A
@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import Tracer
 
-from upbus.core._errors import ComponentError
+from upbus.core._registry import Entry, Registry
 from upbus.core._telemetry import change_context, get_tracer
 from upbus.core.subscriptions._merge import Merger, RefCountMerger
 from upbus.core.subscriptions._quarantine import Key, describe, key_order, wish_key
@@ -50,27 +49,6 @@ SpecsArg = Spec | Mapping[str, Any] | Iterable[Spec | Mapping[str, Any]]
 
 _Wishes = tuple[tuple[Wish, ...], tuple[Wish, ...]]  # (public, private)
 _NONE: tuple[Wish, ...] = ()
-
-
-class _ComponentRef(weakref.ref[Any]):
-    """A weak reference to a component that carries its registration's token."""
-
-    __slots__ = ("token",)
-    token: int
-
-
-@dataclass(slots=True, eq=False)
-class _Registration:
-    token: int
-    key: int  # id() of the component when it registered
-    ref: _ComponentRef
-    kind: str  # the component's class name
-    specs: tuple[Spec, ...]
-    wishes: _Wishes
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind}@{self.key:x}"
 
 
 @dataclass(slots=True, eq=False)
@@ -114,6 +92,8 @@ class SubscriptionManager:
     :param merger_factory: makes the :class:`Merger` of each channel (the
         ``upbus_make_merger`` hook's answer); the default counts references.
     :param tracer: where change spans go; the global tracer by default.
+    :param registry: the components' registry, shared with a Bus's delivery; by
+        default one of its own.
     """
 
     def __init__(
@@ -121,18 +101,15 @@ class SubscriptionManager:
         merger_factory: Callable[[Channel], Merger] | None = None,
         *,
         tracer: Tracer | None = None,
+        registry: Registry | None = None,
     ) -> None:
         make = merger_factory or (lambda _channel: RefCountMerger())
         self._mergers = {channel: make(channel) for channel in CHANNELS}
         self._versions = dict.fromkeys(Channel, 0)
         self._states = {channel: MergedState(channel, (), 0) for channel in CHANNELS}
-        self._by_key: dict[int, _Registration] = {}
-        self._by_token: dict[int, _Registration] = {}
-        # Weakref callbacks may run at any bytecode (even mid-update): they only
-        # enqueue the dead reference. One bound method serves every reference.
-        self._dead: deque[_ComponentRef] = deque()
-        self._on_death = self._dead.append
-        self._next_token = 0
+        self._registry = registry if registry is not None else Registry()
+        # First among the registry's listeners: the state is right before delivery hears.
+        self._registry.add_listener(self._left)
         self._listeners: list[Listener] = []
         self._rejection_listeners: list[RejectionListener] = []
         self._excluded: dict[Channel, dict[Key, _Exclusion]] = {ch: {} for ch in CHANNELS}
@@ -156,7 +133,7 @@ class SubscriptionManager:
         """
         self._rejection_listeners.append(listener)
 
-    # -- the seed's API ----------------------------------------------------------
+    # -- the API of the original design ------------------------------------------------
 
     def register_component(self, component: object, specs: SpecsArg) -> None:
         """Register ``component``'s specs, replacing any it registered before.
@@ -164,42 +141,36 @@ class SubscriptionManager:
         Nothing changes if a spec is invalid (:class:`~upbus.SpecError`) or the
         component cannot be weakly referenced (:class:`~upbus.ComponentError`).
         """
-        parsed = tuple(parse_specs(specs))
-        wishes = _split(parsed)
+        self.register(component, tuple(parse_specs(specs)))
+
+    def register(self, component: object, specs: tuple[Spec, ...]) -> Entry:
+        """:meth:`register_component` with specs :func:`parse_specs` has validated.
+
+        Returns ``component``'s registry entry (the Bus adds its buffer there).
+        """
+        wishes = _split(specs)
         self.collect_garbage()
-        old = self._lookup(component)
-        if old is not None:
-            self._replace(old, parsed, wishes)
-            return
-        token = self._next_token
-        self._next_token += 1
-        try:
-            ref = _ComponentRef(component, self._on_death)
-        except TypeError:
-            raise ComponentError(
-                f"{type(component).__name__} objects cannot be components: upbus holds "
-                "components by weak reference (give the class a __weakref__ slot, or "
-                "register an object of an ordinary class)"
-            ) from None
-        ref.token = token
-        kind = type(component).__name__
-        registration = _Registration(token, id(component), ref, kind, parsed, wishes)
-        self._by_key[registration.key] = registration
-        self._by_token[token] = registration
+        entry = self._registry.get(component)
+        if entry is not None:
+            self._replace(entry, specs, wishes)
+            return entry
+        entry = self._registry.add(component)
+        entry.specs = specs
+        entry.wishes = wishes
         self._registered_total += 1
         changed = [ch for ch in CHANNELS if self._mergers[ch].add(self._effective(wishes, ch))]
-        notices = self._note_holder(registration)
-        self._announce(changed, "register", registration.label)
+        notices = self._note_holder(entry)
+        self._announce(changed, "register", entry.label)
         self._tell(notices)
+        return entry
 
     def unregister_component(self, component: object) -> bool:
         """Remove ``component``'s specs; return whether it was registered."""
         self.collect_garbage()
-        registration = self._lookup(component)
-        if registration is None:
+        entry = self._registry.get(component)
+        if entry is None:
             return False
-        changed = self._drop(registration)
-        self._announce(changed, "unregister", registration.label)
+        self._registry.remove(entry, "unregister")
         return True
 
     def get_public_subscriptions(self) -> MergedState:
@@ -218,10 +189,10 @@ class SubscriptionManager:
         ``{"entry", "type", "code", "level", "detail", "since", "components"}``.
         """
         stats: dict[str, Any] = {
-            "components": len(self._by_token),
+            "components": len(self._registry),
             "registered_total": self._registered_total,
             "collected_total": self._collected_total,
-            "pending_garbage": len(self._dead),
+            "pending_garbage": self._registry.pending,
         }
         for channel in CHANNELS:
             state = self._states[channel]
@@ -264,52 +235,29 @@ class SubscriptionManager:
 
     def specs_of(self, component: object) -> tuple[Spec, ...] | None:
         """The specs ``component`` registered, or ``None``."""
-        registration = self._lookup(component)
-        return None if registration is None else registration.specs
+        entry = self._registry.get(component)
+        return None if entry is None else entry.specs
 
     def collect_garbage(self) -> int:
         """Remove the subscriptions of garbage-collected components; return how many went."""
-        collected = 0
-        dead = self._dead
-        while dead:
-            registration = self._by_token.get(dead.popleft().token)
-            if registration is None:
-                continue
-            changed = self._drop(registration)
-            self._collected_total += 1
-            collected += 1
-            log.debug("component %s was garbage-collected", registration.label)
-            self._announce(changed, "collected", registration.label)
-        return collected
+        return self._registry.collect()
 
     # -- internals -------------------------------------------------------------------
 
-    def _lookup(self, component: object) -> _Registration | None:
-        registration = self._by_key.get(id(component))
-        if registration is None:
-            return None
-        if registration.ref() is component:
-            return registration
-        # The id belongs to a dead component whose callback has not been drained yet
-        # (ids are reused); it is not this component's registration.
-        return None
-
-    def _drop(self, registration: _Registration) -> list[Channel]:
-        """Forget ``registration``; return the channels whose merged state changed."""
-        del self._by_token[registration.token]
-        if self._by_key.get(registration.key) is registration:
-            del self._by_key[registration.key]
+    def _left(self, entry: Entry, reason: str) -> None:
+        """``entry`` left the registry (unregistered or collected): take its wishes out."""
         changed = [
-            ch
-            for ch in CHANNELS
-            if self._mergers[ch].remove(self._effective(registration.wishes, ch))
+            ch for ch in CHANNELS if self._mergers[ch].remove(self._effective(entry.wishes, ch))
         ]
         # Only now: lifting an exclusion changes what _effective() leaves out.
-        registration.wishes = (_NONE, _NONE)
-        self._note_holder(registration)
-        return changed
+        entry.wishes = (_NONE, _NONE)
+        self._note_holder(entry)
+        if reason == "collected":
+            self._collected_total += 1
+            log.debug("component %s was garbage-collected", entry.label)
+        self._announce(changed, reason, entry.label)
 
-    def _replace(self, old: _Registration, specs: tuple[Spec, ...], wishes: _Wishes) -> None:
+    def _replace(self, old: Entry, specs: tuple[Spec, ...], wishes: _Wishes) -> None:
         changed = []
         for channel in CHANNELS:
             before = Counter(self._effective(old.wishes, channel))
@@ -335,20 +283,20 @@ class SubscriptionManager:
             return mine
         return tuple(wish for wish in mine if wish_key(wish) not in excluded)
 
-    def _note_holder(self, registration: _Registration) -> list[tuple[Channel, Rejected, str]]:
-        """Bring the exclusions' holders up to date with ``registration``'s wishes.
+    def _note_holder(self, entry: Entry) -> list[tuple[Channel, Rejected, str]]:
+        """Bring the exclusions' holders up to date with ``entry``'s wishes.
 
         Lifts an exclusion nobody holds any more, and returns notices for the wishes
         of a newly holding component whose key is quarantined.
         """
         notices: list[tuple[Channel, Rejected, str]] = []
-        token = registration.token
+        token = entry.token
         for channel in CHANNELS:
             excluded = self._excluded[channel]
             if not excluded:
                 continue
             mine: dict[Key, list[Wish]] = {}
-            for wish in _of(registration.wishes, channel):
+            for wish in _of(entry.wishes, channel):
                 key = wish_key(wish)
                 if key in excluded:
                     mine.setdefault(key, []).append(wish)
@@ -369,7 +317,7 @@ class SubscriptionManager:
                             describe(key),
                             "quarantined" if exclusion.quarantined else "held back",
                         )
-            component = registration.ref()
+            component = entry()
             if component is not None:
                 for detail, wishes in told.items():
                     notices.append((channel, [(component, tuple(wishes))], detail))
@@ -401,16 +349,16 @@ class SubscriptionManager:
         holders: dict[Key, set[int]] = {key: set() for key in keys}
         out: list[Wish] = []  # wishes still in the merger, to take out
         rejected: Rejected = []
-        for registration in self._by_token.values():
-            mine = [wish for wish in _of(registration.wishes, channel) if wish_key(wish) in keys]
+        for entry in self._registry:
+            mine = [wish for wish in _of(entry.wishes, channel) if wish_key(wish) in keys]
             if not mine:
                 continue
             for wish in mine:
                 key = wish_key(wish)
-                holders[key].add(registration.token)
+                holders[key].add(entry.token)
                 if key not in excluded:
                     out.append(wish)
-            component = registration.ref()
+            component = entry()
             if component is not None:
                 rejected.append((component, tuple(mine)))
         changed = self._mergers[channel].remove(out)
@@ -457,8 +405,8 @@ class SubscriptionManager:
             del excluded[key]
         back = [
             wish
-            for registration in self._by_token.values()
-            for wish in _of(registration.wishes, channel)
+            for entry in self._registry
+            for wish in _of(entry.wishes, channel)
             if wish_key(wish) in held
         ]
         changed = self._mergers[channel].add(back)
