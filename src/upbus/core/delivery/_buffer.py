@@ -146,10 +146,12 @@ class Subscriber:
         self._unreported: dict[_Key, int] | None = None
         self._waiter: asyncio.Future[None] | anyio.Event | None = None
         self._room: anyio.Event | None = None
-        #: The component this buffer serves (a weak reference), set by the bus.
+        #: The component this buffer serves: a weak reference (its registry entry),
+        #: set with ``starter`` by :meth:`~upbus.core._registry.Entry.attach`.
         self.owner: weakref.ref[Any] | None = None
         #: Called with this subscriber when an item arrives and no consumer waits
-        #: for one; the bus uses it to start a delivery task only when there is work.
+        #: for one, then cleared (the delivery task sets it again when it ends): a
+        #: component's delivery task runs only while there is work.
         self.starter: Callable[[Subscriber], None] | None = None
         self.closed = False
         self.delivered = 0
