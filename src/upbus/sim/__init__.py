@@ -1,8 +1,9 @@
 """A strict local Upbit WebSocket exchange for tests, demos and benchmarks.
 
 It serves ``ws://127.0.0.1:PORT/websocket/v1`` and ``/websocket/v1/private`` over real
-sockets, enforces the rules of ``upbit/PROTOCOL.md`` (replace-not-add subscriptions,
-errors then close, connect and message limits, JWT auth, idle timeout) and records
+sockets, enforces the exchange's rules as docs/protocol.md states them
+(replace-not-add subscriptions, errors then close, connect and message limits, JWT
+auth, idle timeout) and records
 every request, connection and violation so tests can assert on them.
 
 It shares no code with the upbus client, so a misreading of the protocol cannot hide

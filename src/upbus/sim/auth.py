@@ -1,4 +1,6 @@
-"""Private-endpoint authentication: ``Authorization: Bearer <JWT>`` (PROTOCOL §7).
+"""Private-endpoint authentication: ``Authorization: Bearer <JWT>``.
+
+See docs/protocol.md, Private channel.
 
 The token is HMAC-signed (HS256, HS384 or HS512) with the account's raw secret key and
 carries ``access_key`` and ``nonce`` claims. ``alg: none``, other algorithms, unknown

@@ -1,4 +1,8 @@
-"""Simulator settings. Defaults follow PROTOCOL.md; [U] marks unverified behaviour."""
+"""Simulator settings.
+
+Defaults follow docs/protocol.md; [U] marks a choice where it calls the exchange's
+behaviour unverified, so a test can set the other plausible answer.
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Three tasks share the socket: the reader (client frames, pongs, request handling
 the writer (queued control frames first, then snapshots, then paced realtime data)
 and an idle watchdog. Every write goes through one lock so frames never interleave.
 
-Decisions on [U] points:
+Decisions where docs/protocol.md calls the exchange's behaviour unverified:
 
 * Every text ``PING`` is answered at once with ``{"status":"UP"}``; the first one also
   starts one per-connection timer sending UP every ``up_interval`` seconds.
@@ -424,7 +424,7 @@ class Connection:
             self._list(request)
 
     def _install(self, request: Subscribe) -> None:
-        """Replace the whole subscription set and the format (PROTOCOL §3)."""
+        """Replace the whole subscription set and the format (docs/protocol.md, Requests)."""
         self._format = request.format
         self._entries = request.entries
         self._feed.install(request.entries)

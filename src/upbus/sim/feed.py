@@ -1,6 +1,6 @@
 """What a connection's public subscription sends next: snapshots first, then realtime.
 
-Decisions on [U] points (PROTOCOL §2.3, §3):
+Decisions where docs/protocol.md (Requests) calls the exchange's behaviour unverified:
 
 * Every subscription frame gets fresh snapshots, also for codes the old set had.
 * Both ``is_only_snapshot`` and ``is_only_realtime`` true: snapshot only.
@@ -55,7 +55,7 @@ def split_code(raw: str, *, orderbook: bool) -> tuple[MarketInfo, int] | None:
         if not orderbook or not (suffix.isascii() and suffix.isdigit()):
             return None
         number = int(suffix)
-        # An unsupported depth silently gives the full book (PROTOCOL §2.5).
+        # An unsupported depth silently gives the full book (docs/protocol.md, Requests).
         depth = number if number in DEPTHS else _FULL_DEPTH
     info = MARKETS.get(code)  # lower-case codes are not keys, so they are ignored too
     return None if info is None else (info, depth)
@@ -95,7 +95,7 @@ class Feed:
         self._next = 0
 
     def install(self, entries: Iterable[Entry]) -> None:
-        """Replace every stream with those of ``entries`` (PROTOCOL §3)."""
+        """Replace every stream with those of ``entries`` (docs/protocol.md, Requests)."""
         streams = build_streams(entries)
         self._snapshots = deque(stream for stream in streams if stream.snapshot)
         self._by_code = {}

@@ -1,9 +1,9 @@
-"""Rate limits (PROTOCOL §4) over rolling windows, and connect bans that grow.
+"""Rate limits (docs/protocol.md, Limits) over rolling windows, and connect bans that grow.
 
 Windows are rolling: a limit of ``n`` per ``w`` seconds is broken by the ``n+1``-th
 event whose time is less than ``w`` after the oldest of the last ``n+1`` events. A
 client that throttles with calendar-second buckets can break it; that is deliberate,
-since the exchange's window algorithm is unknown [U] and the strict reading is safe.
+since the exchange's window algorithm is unverified and the strict reading is safe.
 """
 
 from __future__ import annotations

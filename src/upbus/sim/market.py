@@ -81,7 +81,7 @@ class CodeState:
         rng = self._rng
         self._notional = _NOTIONAL.get(info.quote, Decimal(1))
         # Thin books show fewer resting orders than the depth asked for, so the
-        # exchange pads them with zero units (PROTOCOL §8.3).
+        # exchange pads them with zero units (docs/protocol.md, Messages).
         if info.quote == "KRW":
             self.native_depth = 30 if rng.random() < 0.85 else rng.randint(12, 29)
         else:

@@ -2,7 +2,7 @@
 
 Tests drive it through the simulator's control API (place, fill, cancel). Each call
 returns the private events the exchange would push: myOrder messages in state
-``wait``, ``trade``, ``done`` or ``cancel`` (PROTOCOL §8.5), then one myAsset message
+``wait``, ``trade``, ``done`` or ``cancel`` (docs/protocol.md, Messages), then one myAsset message
 listing the currencies whose balance or locked amount changed (§8.6).
 
 Accounting (exact ``Decimal``, fee ``fee_rate`` of the traded funds):

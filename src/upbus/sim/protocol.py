@@ -1,11 +1,11 @@
-"""Parsing and validating client request frames (PROTOCOL §2, §5).
+"""Parsing and validating client request frames (docs/protocol.md, Requests and Errors).
 
 A request is one JSON array of objects, recognised by their keys, not their position:
 ``ticket``, ``method``, ``format``, and data-type objects (anything else). The
 result is a :class:`Subscribe` or a :class:`ListSubscriptions`; a bad frame raises
 :class:`RequestError` carrying the exchange's error name.
 
-Decisions on [U] points:
+Decisions where docs/protocol.md calls the exchange's behaviour unverified:
 
 * Each object plays one role, by the first key found among ``ticket``, ``method``,
   ``format``; any other object is a data-type object.
@@ -20,7 +20,7 @@ Decisions on [U] points:
 A test knob, not exchange behaviour: codes listed in ``reject_codes`` are refused with
 ``INVALID_PARAM`` ("code … is not supported"), so that a test can make the exchange
 refuse a request that client-side validation cannot catch. (The exchange itself
-serves unknown codes with silence, PROTOCOL §2.3.)
+serves unknown codes with silence: docs/protocol.md, Requests.)
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
-    """A subscription frame: it replaces the connection's whole set (PROTOCOL §3)."""
+    """A subscription frame: it replaces the connection's whole set (docs/protocol.md, Requests)."""
 
     ticket: str
     entries: tuple[Entry, ...]
@@ -112,7 +112,7 @@ class Subscribe:
 
 @dataclass(frozen=True, slots=True)
 class ListSubscriptions:
-    """A ``LIST_SUBSCRIPTIONS`` request (PROTOCOL §2.8)."""
+    """A ``LIST_SUBSCRIPTIONS`` request (docs/protocol.md, Requests)."""
 
     ticket: str
     format: str
@@ -134,7 +134,8 @@ def _load(text: str) -> list[dict[str, Any]]:
 
 
 def _flag(obj: dict[str, Any], snake: str, camel: str) -> bool:
-    # Current docs use snake_case; older docs and many clients camelCase (PROTOCOL §2.3).
+    # Current docs use snake_case; older docs and many clients camelCase
+    # (docs/protocol.md, Requests).
     value = obj.get(snake, obj.get(camel, False))
     if not isinstance(value, bool):
         raise RequestError("WRONG_FORMAT", "WRONG_FORMAT")
@@ -184,7 +185,7 @@ def _entry(obj: dict[str, Any], private: bool, reject_codes: Set[str]) -> Entry:
             raise RequestError("WRONG_FORMAT", "WRONG_FORMAT")
         return Entry(type=kind, codes=None)
     if kind == "myOrder":
-        # Omitted or empty codes mean every market (PROTOCOL §2.3).
+        # Omitted or empty codes mean every market (docs/protocol.md, Requests).
         return Entry(type=kind, codes=codes or None)
     if codes is None:
         raise RequestError("NO_CODES", "NO_CODES")

@@ -1,6 +1,7 @@
 """How the simulator writes numbers on the wire, matching the exchange's spellings.
 
-The exchange's JSON numbers come from two Java serialisers (PROTOCOL §8, samples):
+The exchange's JSON numbers come from two Java serialisers (docs/protocol.md,
+Messages, and the recorded samples):
 
 * ``BigDecimal.toString`` of a value with a fixed scale, e.g. ``31883000.00000000``;
   tiny values switch to exponent form (``6E-8``), and zero with scale 8 is ``0E-8``.

@@ -3,7 +3,7 @@
 Decoding: :class:`FrameDecoder` turns one server frame (binary or text) into the typed
 messages of :mod:`upbus.core.wire._messages`, whatever format the connection is in. The
 format is read from the frame itself, because the latest request on a connection
-(even a ``LIST_SUBSCRIPTIONS``) switches every stream on it (PROTOCOL §2.4):
+(even a ``LIST_SUBSCRIPTIONS``) switches every stream on it (docs/protocol.md, Requests):
 
 * an array is a ``JSON_LIST`` / ``SIMPLE_LIST`` frame, an object a single message;
 * an object whose first key is ``"type"`` is DEFAULT, ``"ty"`` is SIMPLE, and the
@@ -66,9 +66,9 @@ __all__ = (
 )
 
 FORMATS: Final[tuple[str, ...]] = ("DEFAULT", "SIMPLE", "JSON_LIST", "SIMPLE_LIST")
-"""The ``format`` values a request may carry (PROTOCOL §2.4)."""
+"""The ``format`` values a request may carry (docs/protocol.md, Requests)."""
 
-# The SIMPLE key of each field (PROTOCOL §8). A field missing from a table keeps its
+# The SIMPLE key of each field (docs/protocol.md, Messages). A field missing from a table keeps its
 # DEFAULT name in SIMPLE frames too.
 _TICKER_NAMES = {
     "type": "ty",
@@ -208,7 +208,7 @@ SIMPLE_NAMES: Final[Mapping[type[msgspec.Struct], Mapping[str, str]]] = MappingP
         SubscriptionList: MappingProxyType(_SUBSCRIPTION_LIST_NAMES),
     }
 )
-"""The SIMPLE key of each field, per message class (PROTOCOL §8)."""
+"""The SIMPLE key of each field, per message class (docs/protocol.md, Messages)."""
 
 
 def _simple_variant(
@@ -546,7 +546,7 @@ def encode_request(
 ) -> str:
     """The text of one subscription frame: ``[{"ticket"}, *entries, {"format"}]``.
 
-    The frame replaces the connection's whole subscription set (PROTOCOL §3), so
+    The frame replaces the connection's whole subscription set (docs/protocol.md, Requests), so
     ``entries`` must be the complete desired set, e.g.
     ``{"type": "orderbook", "codes": ["KRW-BTC.15"], "level": 10000}``. Raises
     :class:`SpecError` for an empty ticket or unknown format, and ``TypeError`` if an
@@ -557,7 +557,7 @@ def encode_request(
 
 
 def encode_list_subscriptions(ticket: str, fmt: str) -> str:
-    """The text of a ``LIST_SUBSCRIPTIONS`` request frame (PROTOCOL §2.8).
+    """The text of a ``LIST_SUBSCRIPTIONS`` request frame (docs/protocol.md, Requests).
 
     ``fmt`` has no default on purpose: the request re-applies its format to every
     stream of the connection, so it must repeat the connection's current format.

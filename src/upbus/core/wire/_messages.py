@@ -1,7 +1,7 @@
 """Typed messages the Upbit WebSocket server sends.
 
 One set of classes and one set of field names for every wire format: the field names
-are the exchange's DEFAULT names (PROTOCOL §8), so ``msg.trade_price`` reads the same
+are the exchange's DEFAULT names (docs/protocol.md, Messages), so ``msg.trade_price`` reads the same
 whether the frame said ``"trade_price"`` or ``"tp"``. :mod:`upbus.core.wire._codec` decodes
 frames into these classes and turns them back into DEFAULT dicts.
 
@@ -71,13 +71,13 @@ CandleType: TypeAlias = Literal[
     "candle.60m",
     "candle.240m",
 ]
-"""Every ``candle.{unit}`` type string the server accepts and echoes (PROTOCOL §2.6)."""
+"""Every ``candle.{unit}`` type the server accepts and echoes (docs/protocol.md, Requests)."""
 
 
 class DelistingDate(Struct, frozen=True, gc=False, kw_only=True):
     """``delisting_date`` when the server sends it as an object (the official SDK's model).
 
-    The non-null wire shape is unverified (PROTOCOL §11.11); a plain string is kept as a
+    The non-null wire shape is unverified (docs/protocol.md, Messages); a plain string is kept as a
     ``str`` instead.
     """
 
@@ -87,7 +87,7 @@ class DelistingDate(Struct, frozen=True, gc=False, kw_only=True):
 
 
 class Ticker(Struct, frozen=True, gc=False, kw_only=True):
-    """A ``ticker`` frame: the pair's current price and day statistics (PROTOCOL §8.1)."""
+    """A ``ticker`` frame: the pair's price and day statistics (docs/protocol.md, Messages)."""
 
     type: Literal["ticker"] = "ticker"
     code: str
@@ -131,7 +131,7 @@ class Ticker(Struct, frozen=True, gc=False, kw_only=True):
 
 
 class Trade(Struct, frozen=True, gc=False, kw_only=True):
-    """A ``trade`` frame: one fill on the pair (PROTOCOL §8.2)."""
+    """A ``trade`` frame: one fill on the pair (docs/protocol.md, Messages)."""
 
     type: Literal["trade"] = "trade"
     code: str
@@ -168,7 +168,7 @@ class OrderbookUnit(Struct, frozen=True, gc=False, kw_only=True):
 
 
 class Orderbook(Struct, frozen=True, gc=False, kw_only=True):
-    """An ``orderbook`` frame: always a whole book, never a delta (PROTOCOL §8.3)."""
+    """An ``orderbook`` frame: always a whole book, never a delta (docs/protocol.md, Messages)."""
 
     type: Literal["orderbook"] = "orderbook"
     code: str
@@ -201,7 +201,7 @@ class Candle(Struct, frozen=True, gc=False, kw_only=True):
 
 
 class MyOrder(Struct, frozen=True, gc=False, kw_only=True):
-    """A private ``myOrder`` frame: an order event of the account (PROTOCOL §8.5).
+    """A private ``myOrder`` frame: an order event of the account (docs/protocol.md, Messages).
 
     Everything except the order's identity may be ``null`` on the wire or absent in
     older frames (a market buy in state ``wait`` has no volumes; fills alone carry
@@ -260,7 +260,7 @@ class Asset(Struct, frozen=True, gc=False, kw_only=True):
 
 
 class MyAsset(Struct, frozen=True, gc=False, kw_only=True):
-    """A private ``myAsset`` frame: the account's changed balances (PROTOCOL §8.6).
+    """A private ``myAsset`` frame: the account's changed balances (docs/protocol.md, Messages).
 
     The wire form has no ``code``; ``code`` is ``""`` so that every message class can
     be read the same way, and :func:`upbus.core.wire._codec.to_default_dict` leaves it out.
@@ -276,13 +276,13 @@ class MyAsset(Struct, frozen=True, gc=False, kw_only=True):
 
 
 class Status(Struct, frozen=True, gc=False, kw_only=True):
-    """The keepalive reply ``{"status":"UP"}`` sent after a text ``PING`` (PROTOCOL §6)."""
+    """The keepalive reply ``{"status":"UP"}`` to a text ``PING`` (docs/protocol.md, Keepalive)."""
 
     status: str
 
 
 class ErrorMessage(Struct, frozen=True, gc=False, kw_only=True):
-    """An error frame ``{"error":{"name":…,"message":…}}``, flattened (PROTOCOL §5).
+    """An error frame ``{"error":{"name":…,"message":…}}``, flattened (docs/protocol.md, Errors).
 
     The server closes the connection shortly after sending one.
     """
@@ -306,7 +306,7 @@ class SubscriptionEntry(Struct, frozen=True, gc=False, kw_only=True, omit_defaul
 
 
 class SubscriptionList(Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
-    """The reply to a ``LIST_SUBSCRIPTIONS`` request (PROTOCOL §2.8).
+    """The reply to a ``LIST_SUBSCRIPTIONS`` request (docs/protocol.md, Requests).
 
     ``ticket`` is the ticket of the request that asked.
     """
