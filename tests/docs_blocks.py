@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = (
     "README.md",
     "README.ko.md",
+    "CONTRIBUTING.md",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
     "examples/upbus-spread-monitor/README.md",
 )
