@@ -1,4 +1,6 @@
-"""The batcher: one pending task, no lost update, no useless send (invariants 2-4).
+"""The batcher: no lost update, no useless send, one pending task per connection.
+
+These are invariants 2, 3 and 4 of docs/architecture.md's table.
 
 Everything runs on trio's MockClock, so debounce and limiter waits take virtual
 time: the tests are exact and fast, with no real sleeps.
@@ -20,8 +22,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from trio.testing import MockClock
 
-from upbus.core.sending._batcher import PendingTaskBatcher
-from upbus.core.sending._ratelimit import RollingWindowLimiter
+from upbus.core.connection._metrics import ConnectionMetrics
+from upbus.core.connection._sink import ConnectionSink
+from upbus.core.sending._batcher import PendingTaskBatcher, RequestLimiter, RequestSink
+from upbus.core.sending._ratelimit import ConnectionBudget, RollingWindowLimiter
 from upbus.core.subscriptions._manager import SubscriptionManager
 from upbus.core.subscriptions._specs import Channel, Spec, orderbook, ticker, trade
 from upbus.core.subscriptions._state import MergedState
@@ -61,8 +65,8 @@ class RecordingSink:
 
 def make(
     manager: SubscriptionManager,
-    sink: RecordingSink,
-    limiter: RollingWindowLimiter | None = None,
+    sink: RequestSink,
+    limiter: RequestLimiter | None = None,
     **options: Any,
 ) -> PendingTaskBatcher:
     limiter = limiter or RollingWindowLimiter("test", [(5, 1.0), (100, 60.0)], margin=0.1)
@@ -263,6 +267,74 @@ async def test_a_connect_during_the_debounce_does_not_let_later_changes_skip_it(
         await anyio.sleep(5)
     assert sink.sent[0][0] - start == pytest.approx(0.1)  # the debounce under way ran out
     assert sink.sent[1][0] - later == pytest.approx(0.1)  # debounced like any change
+
+
+class TextConnection:
+    """The side of a connection the sink writes to: keeps each text frame."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+
+    async def send_text(self, text: str) -> None:
+        self.frames.append(text)
+
+    async def receive_batch(self) -> list[bytes | str]:
+        await anyio.sleep_forever()
+        return []
+
+    async def ping(self, timeout: float) -> float:
+        return 0.0
+
+    async def aclose(self, code: int = 1000) -> None:
+        pass
+
+    def requests(self) -> list[list[dict[str, Any]]]:
+        return [
+            [item for item in orjson.loads(frame) if "type" in item]
+            for frame in self.frames
+            if frame.startswith("[")
+        ]
+
+
+@pytest.mark.anyio
+async def test_the_connection_sink_and_budget_carry_every_frame_and_ask_for_resends() -> None:
+    manager, budget = SubscriptionManager(), ConnectionBudget()
+    sink = ConnectionSink(
+        Channel.PUBLIC, budget=budget, metrics=ConnectionMetrics(), on_sent=lambda *_: None
+    )
+    batcher = make(manager, sink, budget)
+    sink.add_resync_listener(batcher.resend)
+    a = Component()
+    async with anyio.create_task_group() as tg:
+        batcher.start(tg)
+        manager.register_component(a, ticker("KRW-BTC"))
+        await anyio.sleep(5)
+        # No connection yet: the state stays wanted, and that is no failure.
+        assert batcher.status()["requests_sent"] == batcher.status()["send_failures"] == 0
+        assert await sink.send_extra("PING") is False
+
+        conn, limiter = TextConnection(), RollingWindowLimiter("c#1", [(5, 1.0)], margin=0.1)
+        sink.open(conn, limiter)
+        sink.resync()
+        await anyio.sleep(5)
+        assert conn.requests() == [[{"type": "ticker", "codes": ["KRW-BTC"]}]]
+        # A text PING takes its slot from the budget the batcher's requests use.
+        assert await sink.send_extra("PING") is True
+        assert conn.frames[-1] == "PING"
+        assert limiter.status()["granted"] == 2
+
+        # After an error frame nothing is sent until the connection proves open.
+        sink.pause("INVALID_PARAM: test")
+        manager.register_component(a, [ticker("KRW-BTC"), trade("KRW-BTC")])
+        await anyio.sleep(5)
+        assert len(conn.requests()) == 1
+        sink.resume()
+        await anyio.sleep(5)
+        sink.close()
+    assert conn.requests()[1:] == [
+        [{"type": "ticker", "codes": ["KRW-BTC"]}, {"type": "trade", "codes": ["KRW-BTC"]}]
+    ]
+    assert budget.status() is None
 
 
 @pytest.mark.anyio

@@ -21,8 +21,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from test_transport import WAIT, Handler, Peer, serve
 from wsproto.events import BytesMessage, CloseConnection, Ping
+from wsservers import WAIT, Handler, Peer, serve
 
 import upbus
 from upbus.core.delivery._router import ConnectionEvent, Subscriber

@@ -30,7 +30,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from trio.testing import MockClock
 
 import upbus
-from upbus.core._connection import WebSocketManager
+from upbus.core.connection._manager import WebSocketManager
 from upbus.core.sending._batcher import PendingTaskBatcher
 from upbus.core.sending._ratelimit import (
     RollingWindowLimiter,
@@ -495,11 +495,11 @@ class Harness:
             Channel.PUBLIC,
             source=lambda: self.subscriptions.state(Channel.PUBLIC),
             current_version=lambda: self.subscriptions.version(Channel.PUBLIC),
-            sink=self.manager,
-            limiter=self.manager,
+            sink=self.manager.sink,
+            limiter=self.manager.budget,
             debounce=0.02,
         )
-        self.manager.attach(self.batcher)
+        self.manager.sink.add_resync_listener(self.batcher.resend)
         self.subscriptions.add_listener(self._notify)
 
     def _notify(self, change: StateChange) -> None:

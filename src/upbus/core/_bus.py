@@ -23,10 +23,10 @@ from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskGroup
 from opentelemetry.trace import TracerProvider
 
-from upbus.core._connection import WebSocketManager
 from upbus.core._errors import BusNotRunning, ConfigError, UpbusError
 from upbus.core._registry import Entry, Registry
 from upbus.core._telemetry import get_tracer
+from upbus.core.connection._manager import WebSocketManager
 from upbus.core.delivery._events import ConnectionEvent, Rejected
 from upbus.core.delivery._router import (
     DEFAULT_CAPACITY,
@@ -216,10 +216,12 @@ class Bus(AsyncContextManagerMixin):
             reconnect_multiplier=settings.reconnect.multiplier,
             max_attempts=settings.reconnect.max_attempts,
         )
+        # The batcher sends through the current connection and its message budget,
+        # and hears from the sink when a connection needs the whole latest state.
         batcher = self.plugins.make_batcher(
-            channel, settings, self.subscriptions, manager, manager, self._tracer
+            channel, settings, self.subscriptions, manager.sink, manager.budget, self._tracer
         )
-        manager.attach(batcher)
+        manager.sink.add_resync_listener(batcher.resend)
 
         def notify(change: StateChange) -> None:
             if change.channel is channel:
@@ -392,8 +394,7 @@ class Bus(AsyncContextManagerMixin):
         return {
             "connect": {scope: lim.status() for scope, lim in self._connect_limiters.items()},
             "message": {
-                ch.value: manager.get_connection_metrics()["message_limiter"]
-                for ch, manager in self._managers.items()
+                ch.value: manager.budget.status() for ch, manager in self._managers.items()
             },
         }
 

@@ -2,8 +2,8 @@
 
 The exchange answers a request it cannot take (``WRONG_FORMAT``, ``INVALID_PARAM``,
 ``NO_CODES``, ``NO_TYPE``) with one error frame and closes the connection
-(PROTOCOL §5). Re-sending the same state after the reconnect would be refused again,
-forever, and every component of the channel would starve. Validation
+(docs/protocol.md, "Errors"). Re-sending the same state after the reconnect would be
+refused again, forever, and every component of the channel would starve. Validation
 (:mod:`upbus.core.subscriptions._specs`) refuses what it can before anything is registered; this
 module handles what the exchange refuses anyway.
 
@@ -49,7 +49,7 @@ Key = tuple[str, str | None, float]
 """(type, code, level): one merge group; ``code`` is ``None`` for a whole-account type."""
 
 REQUEST_ERRORS: Final = frozenset({"WRONG_FORMAT", "INVALID_PARAM", "NO_CODES", "NO_TYPE"})
-"""Error names that refuse a request's content (PROTOCOL §5).
+"""Error names that refuse a request's content (docs/protocol.md, "Errors").
 
 Not here: rate limiting and bans (the request was fine, its timing was not),
 ``INVALID_AUTH`` (the connection, not the request), and ``NO_TICKET`` (upbus always
@@ -183,7 +183,8 @@ class RequestTracker:
         """A data message of ``(kind, code)`` arrived; return whether it accepted a request.
 
         Only a key that a request added to the connection proves it: frames of the
-        replaced set may still arrive just after a new request (PROTOCOL §3.2).
+        replaced set may still arrive just after a new request (docs/protocol.md,
+        "Requests": each request replaces the connection's whole subscription set).
         """
         pending = self._pending
         for index in range(len(pending) - 1, -1, -1):
