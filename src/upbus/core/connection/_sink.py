@@ -4,7 +4,9 @@ Requests go out through :meth:`ConnectionSink.send_state`; the batcher took thei
 slot from the :class:`~upbus.core.sending._ratelimit.ConnectionBudget` first.
 Every other frame (a keepalive text ``PING``, a ``LIST_SUBSCRIPTIONS``) goes
 through :meth:`ConnectionSink.send_extra`, which takes its slot from the same
-budget: the exchange counts them all against one per-connection limit (docs/protocol.md, "Limits").
+budget. The exchange counts requests and ``LIST_SUBSCRIPTIONS`` against one
+per-connection limit; whether a text ``PING`` counts is unverified, so it is
+charged too (docs/protocol.md, "Limits").
 """
 
 from __future__ import annotations
