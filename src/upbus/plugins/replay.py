@@ -1,7 +1,8 @@
 """Replay transport (plugin ``replay``): a recording played back as if it were the exchange.
 
-It answers ``upbus_make_transport`` only when a recording is configured, so
-without one the default transport connects as usual::
+It answers ``upbus_make_transport`` only when a recording is configured, and then
+ahead of every other transport (it is ``tryfirst``); without one the default
+transport connects as usual::
 
     [plugins.replay]
     path = "session.jsonl"   # a JSON Lines recording, or an SQLite store's database
