@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import socket
+from contextlib import aclosing
 from pathlib import Path
 
 import anyio
@@ -30,7 +31,9 @@ from wsservers import (
     Peer,
     connected,
     each_transport,
+    frame,
     make_transport,
+    raw_server,
     read_forever,
     receive,
     serve,
@@ -163,11 +166,12 @@ async def test_wrong_sec_websocket_accept_is_rejected(kind: Kind) -> None:
 async def test_silent_server_times_the_handshake_out_and_cancel_leaves_no_socket(
     kind: Kind,
 ) -> None:
-    ended = anyio.Event()
+    accepted, ended = anyio.Event(), anyio.Event()
 
     async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.next_event()  # never answers; returns at EOF
+        accepted.set()
+        while await peer.next_event() is not None:  # reads the request, never answers
+            pass
         ended.set()
 
     transport = make_transport(kind, handshake_timeout=0.2)
@@ -178,9 +182,12 @@ async def test_silent_server_times_the_handshake_out_and_cancel_leaves_no_socket
         with anyio.fail_after(WAIT):
             await ended.wait()  # the socket of the abandoned attempt was closed
 
-        ended = anyio.Event()
-        with anyio.move_on_after(0.05):  # a caller that gives up (bus shutdown, say)
-            await transport.connect(url, {})
+        accepted, ended = anyio.Event(), anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(transport.connect, url, {})
+            with anyio.fail_after(WAIT):
+                await accepted.wait()
+            tg.cancel_scope.cancel()  # a caller that gives up (bus shutdown, say)
         with anyio.fail_after(WAIT):
             await ended.wait()
         await transport.aclose()
@@ -210,11 +217,13 @@ async def test_a_server_that_hangs_up_during_the_upgrade_is_a_transport_error(
 @each_transport()
 @pytest.mark.anyio
 async def test_an_upgrade_completed_after_the_caller_gave_up_is_closed(kind: Kind) -> None:
+    requested = anyio.Event()
     gave_up = anyio.Event()
     ended = anyio.Event()
 
     async def handler(peer: Peer) -> None:
         await peer.read_request()
+        requested.set()
         await gave_up.wait()
         await peer.send(AcceptConnection())  # the 101 comes too late
         assert await peer.next_event() is None  # EOF: the client hung up at once
@@ -222,8 +231,11 @@ async def test_an_upgrade_completed_after_the_caller_gave_up_is_closed(kind: Kin
 
     transport = make_transport(kind)
     async with serve(handler) as url:
-        with anyio.move_on_after(0.1):
-            await transport.connect(url, {})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(transport.connect, url, {})
+            with anyio.fail_after(WAIT):
+                await requested.wait()
+            tg.cancel_scope.cancel()  # the caller gives up in the middle of the upgrade
         gave_up.set()
         with anyio.fail_after(WAIT):
             await ended.wait()
@@ -513,50 +525,82 @@ async def test_abrupt_tcp_drop_raises_connection_closed(kind: Kind) -> None:
     assert "ws://127.0.0.1:" in caught.value.reason
 
 
-@pytest.mark.parametrize(
-    ("raw", "code"),
-    [
-        pytest.param(b"\x8f\x00", 1002, id="unknown-opcode"),
-        pytest.param(b"\x82\x85abcd" + b"12345", 1002, id="masked-server-frame"),
-        pytest.param(b"\x82\x7e\x00\x05hello", 1002, id="non-minimal-length"),
-        pytest.param(b"\xc2\x02hi", 1002, id="reserved-bit"),
-        pytest.param(b"\xc9\x02hi", 1002, id="reserved-bit-on-a-ping"),
-        pytest.param(b"\x80\x02hi", 1002, id="continuation-without-start"),
-        pytest.param(b"\x01\x02hi\x81\x02hi", 1002, id="new-message-inside-fragmented"),
-        pytest.param(b"\x09\x02hi", 1002, id="fragmented-ping"),
-        pytest.param(b"\x81\x02\xff\xfe", 1007, id="invalid-utf8"),
-        pytest.param(b"\x01\x01\xff\x80\x01\xfe", 1007, id="invalid-utf8-fragmented"),
-        pytest.param(b"\x82\x7f" + (1 << 40).to_bytes(8, "big"), 1009, id="huge-frame"),
-        pytest.param(
-            b"\x02\x7e\x03\x00" + b"x" * 768 + b"\x80\x7e\x01\x00" + b"x" * 256,
-            1009,
-            id="huge-fragmented-message",
-        ),
-        pytest.param(b"\x82\x7f" + (1 << 63).to_bytes(8, "big"), 1002, id="length-msb-set"),
-        pytest.param(b"\x89\x7e\x01\x00", 1002, id="ping-over-125-bytes-not-waited-for"),
-    ],
-)
+FAULTS = [
+    pytest.param(frame(0x83, b""), 1002, id="reserved-data-opcode"),
+    pytest.param(frame(0x8B, b""), 1002, id="reserved-control-opcode"),
+    pytest.param(frame(0xC2, b"hi"), 1002, id="rsv1-binary"),
+    pytest.param(frame(0xC1, b"hi"), 1002, id="rsv1-text"),
+    pytest.param(frame(0xA2, b"hi"), 1002, id="rsv2"),
+    pytest.param(frame(0x92, b"hi"), 1002, id="rsv3"),
+    pytest.param(frame(0xC9, b"hb"), 1002, id="rsv1-ping"),
+    pytest.param(frame(0x42, b"hi") + frame(0x80, b"!"), 1002, id="rsv1-first-fragment"),
+    pytest.param(b"\x82\x85abcd" + b"12345", 1002, id="masked-server-frame"),
+    pytest.param(b"\x89\x82abcd" + b"hb", 1002, id="masked-ping"),
+    pytest.param(frame(0x82, b"", length=b"\x7f" + (1 << 63).to_bytes(8, "big")), 1002,
+                 id="64-bit-length-msb-set"),
+    pytest.param(frame(0x82, b"", length=b"\x7f" + (1 << 40).to_bytes(8, "big")), 1009,
+                 id="oversized-64-bit-length"),
+    pytest.param(frame(0x82, b"hello", length=b"\x7e\x00\x05"), 1002, id="non-minimal-16-bit"),
+    pytest.param(frame(0x82, b"x" * 200, length=b"\x7f" + (200).to_bytes(8, "big")), 1002,
+                 id="non-minimal-64-bit"),
+    pytest.param(frame(0x09, b"hb"), 1002, id="fragmented-ping"),
+    pytest.param(frame(0x08, b"\x03\xe8"), 1002, id="fragmented-close"),
+    pytest.param(frame(0x89, b"x" * 126), 1002, id="ping-over-125-bytes"),
+    pytest.param(frame(0x8A, b"x" * 300), 1002, id="pong-over-125-bytes"),
+    pytest.param(frame(0x88, b"\x03\xe8" + b"x" * 200), 1002, id="close-over-125-bytes"),
+    pytest.param(frame(0x80, b"hi"), 1002, id="continuation-without-start"),
+    pytest.param(frame(0x01, b"hi") + frame(0x81, b"hi"), 1002, id="new-message-in-fragmented"),
+    pytest.param(frame(0x81, b"\xff\xfe"), 1007, id="invalid-utf8-text"),
+    pytest.param(frame(0x81, b"\xed\xa0\x80"), 1007, id="utf8-surrogate-text"),
+    pytest.param(frame(0x01, b"\xe2\x82") + frame(0x80, b"!"), 1007,
+                 id="invalid-utf8-across-fragments"),
+    pytest.param(frame(0x88, b"\x03"), 1002, id="close-one-byte-payload"),
+    pytest.param(frame(0x88, b"\x03\xed"), 1002, id="close-code-1005"),
+    pytest.param(frame(0x88, b"\x03\xe7"), 1002, id="close-code-999"),
+    pytest.param(frame(0x88, b"\x03\xe8\xff\xfe"), 1007, id="close-reason-invalid-utf8"),
+    # Cases of their own: an opcode from the top of the range, a first fragment that is
+    # not UTF-8 by itself, a message over max_message_size only with its last fragment,
+    # and a ping whose header claims a payload that is never sent.
+    pytest.param(frame(0x8F, b""), 1002, id="unknown-opcode"),
+    pytest.param(frame(0x01, b"\xff") + frame(0x80, b"\xfe"), 1007,
+                 id="invalid-utf8-first-fragment"),
+    pytest.param(frame(0x02, b"x" * 768) + frame(0x80, b"x" * 256), 1009,
+                 id="huge-fragmented-message"),
+    pytest.param(b"\x89\x7e\x01\x00", 1002, id="ping-over-125-bytes-not-waited-for"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fault", "code"), FAULTS)
 @each_transport()
 @pytest.mark.anyio
 async def test_protocol_violations_close_with_the_right_code(
-    kind: Kind, raw: bytes, code: int, request: pytest.FixtureRequest
+    kind: Kind, fault: bytes, code: int, request: pytest.FixtureRequest
 ) -> None:
+    """A valid message, then one malformed frame in the same write.
+
+    The transport delivers the message, then fails the connection: ``ConnectionClosed``
+    with the RFC 6455 code, a close frame with that code to the server, the socket
+    closed; it never crashes and never hangs.
+    """
+    bound = WAIT
     if kind == "httpx" and request.node.callspec.id.endswith("huge-fragmented-message"):
         known_gap(request, "httpx checks a fragmented message's size before its last fragment only")
-    answer: list[object] = []
-
-    async def handler(peer: Peer) -> None:
-        await peer.accept()
-        # A valid message first, in the same write: it must still be delivered.
-        await peer.stream.send(peer.ws.send(TextMessage("ok")) + raw)
-        answer.append(await peer.close_code())
-
-    async with connected(handler, make_transport(kind, max_message_size=1000)) as conn:
-        assert await receive(conn) == ["ok"]
-        with pytest.raises(ConnectionClosed, match="protocol error") as caught:
-            await receive(conn)
+        bound = 0.5  # it waits for more data instead: fail without the whole wait
+    async with (
+        raw_server(frame(0x81, b"ok") + fault) as (url, seen),
+        aclosing(make_transport(kind, max_message_size=1000)) as transport,
+    ):
+        with anyio.fail_after(bound):
+            async with aclosing(await transport.connect(url, {})) as conn:
+                received: list[bytes | str] = []
+                with pytest.raises(ConnectionClosed) as caught:
+                    await read_forever(conn, received, reraise=True)
+                assert conn.closed  # type: ignore[attr-defined]
+            await seen.done.wait()  # the client closed its socket
+    assert received == ["ok"]
     assert caught.value.code == code
-    assert answer == [code]
+    assert caught.value.reason.startswith("protocol error: ")
+    assert seen.close_codes == [code]  # the server was told why
 
 
 @each_transport()

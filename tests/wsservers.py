@@ -14,6 +14,7 @@ import subprocess
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from required import skip_unless_required
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Request
 
+from upbus.core.wire._frames import accept_token
 from upbus.core.wire._httpx import HttpxWsTransport
 from upbus.core.wire._picows import PicowsTransport
 from upbus.core.wire._transport import Connection, ConnectionClosed, Transport
@@ -197,3 +199,89 @@ def server_tls(certificate: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certificate / "cert.pem", certificate / "key.pem")
     return context
+
+
+# -- a raw server, for frames wsproto would refuse to write -------------------------------
+
+
+def frame(first: int, payload: bytes, *, length: bytes | None = None) -> bytes:
+    """A server frame: first header byte, then the length (given, or the shortest form)."""
+    if length is None:
+        if len(payload) < 126:
+            length = bytes([len(payload)])
+        elif len(payload) < 65_536:
+            length = b"\x7e" + len(payload).to_bytes(2, "big")
+        else:
+            length = b"\x7f" + len(payload).to_bytes(8, "big")
+    return bytes([first]) + length + payload
+
+
+@dataclass
+class Seen:
+    """What the raw server saw from the client."""
+
+    frames: list[tuple[int, bytes]] = field(default_factory=list)  # (opcode, payload)
+    done: anyio.Event = field(default_factory=anyio.Event)  # the client closed the socket
+
+    @property
+    def close_codes(self) -> list[int]:
+        return [int.from_bytes(p[:2], "big") for op, p in self.frames if op == 0x8 and p]
+
+
+def client_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The client's (masked) frames in ``data``, and the bytes of an unfinished one."""
+    frames = []
+    while len(data) >= 2:
+        length, at = data[1] & 0x7F, 2
+        if length == 126:
+            length, at = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, at = int.from_bytes(data[2:10], "big"), 10
+        assert data[1] & 0x80, "a client frame must be masked"
+        if len(data) < at + 4 + length:
+            break
+        mask = data[at : at + 4]
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(data[at + 4 : at + 4 + length]))
+        frames.append((data[0] & 0x0F, payload))
+        data = data[at + 4 + length :]
+    return frames, data
+
+
+@asynccontextmanager
+async def raw_server(then: bytes) -> AsyncIterator[tuple[str, Seen]]:
+    """A server that answers the upgrade and writes ``then`` in the same TCP write."""
+    seen = Seen()
+
+    async def on_connect(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            head, _, data = data.partition(b"\r\n\r\n")
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key:")
+            )
+            await stream.send(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                + accept_token(key.decode()).encode()
+                + b"\r\n\r\n"
+                + then
+            )
+            while True:
+                frames, data = client_frames(data)
+                seen.frames += frames
+                try:
+                    data += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+            seen.done.set()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, on_connect)
+        yield f"ws://127.0.0.1:{port}/websocket/v1", seen
+        tg.cancel_scope.cancel()
