@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-
-UPBUS = [sys.executable, "-m", "upbus"]
-
-
-def run(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("UPBUS_")}
-    return subprocess.run(
-        [*UPBUS, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**clean, **(env or {})},
-        cwd=cwd,
-        check=False,
-    )
+from clirun import UPBUS, run_upbus
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +29,7 @@ def sim_url() -> Iterator[str]:
 
 
 def test_watch_prints_one_json_object_per_line_and_exits_after_count(sim_url: str) -> None:
-    result = run(
+    result = run_upbus(
         "watch",
         "ticker",
         "KRW-BTC",
@@ -69,7 +51,7 @@ def test_watch_prints_one_json_object_per_line_and_exits_after_count(sim_url: st
 
 
 def test_watch_table_narrows_the_book_to_the_depth_asked(sim_url: str) -> None:
-    result = run("watch", "orderbook", "KRW-BTC.5", "--url", sim_url, "--count", "2")
+    result = run_upbus("watch", "orderbook", "KRW-BTC.5", "--url", sim_url, "--count", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("(5 units)") == 2
 
@@ -83,14 +65,14 @@ def test_watch_table_narrows_the_book_to_the_depth_asked(sim_url: str) -> None:
     ],
 )
 def test_bad_specs_are_one_clear_line(args: list[str], words: str) -> None:
-    result = run(*args)
+    result = run_upbus(*args)
     assert result.returncode == 2
     assert words in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_an_unreachable_url_is_one_clear_line() -> None:
-    result = run(
+    result = run_upbus(
         "watch", "ticker", "KRW-BTC", "--url", "ws://127.0.0.1:9/websocket/v1", "--attempts", "1"
     )
     assert result.returncode == 1
@@ -100,7 +82,7 @@ def test_an_unreachable_url_is_one_clear_line() -> None:
 
 def test_config_shows_values_with_their_source_and_masks_secrets(tmp_path: Path) -> None:
     (tmp_path / "upbus.toml").write_text("debounce = 0.2\n")
-    result = run(
+    result = run_upbus(
         "config",
         env={"UPBUS_SECRET_KEY": "very-secret-value", "UPBUS_HEARTBEAT_INTERVAL": "12"},
         cwd=tmp_path,
@@ -115,7 +97,7 @@ def test_config_shows_values_with_their_source_and_masks_secrets(tmp_path: Path)
 
 
 def test_bad_settings_are_one_clear_line(tmp_path: Path) -> None:
-    result = run("config", env={"UPBUS_DEBOUNCE": "soon"}, cwd=tmp_path)
+    result = run_upbus("config", env={"UPBUS_DEBOUNCE": "soon"}, cwd=tmp_path)
     assert result.returncode == 1
     assert "debounce" in result.stderr
     assert "UPBUS_DEBOUNCE" in result.stderr
@@ -123,7 +105,7 @@ def test_bad_settings_are_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_plugins_lists_the_defaults_with_their_distribution(tmp_path: Path) -> None:
-    result = run("plugins", cwd=tmp_path)
+    result = run_upbus("plugins", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line[:1] != " "}
     for name in ("merge", "batching", "ratelimit", "transport"):
@@ -132,7 +114,7 @@ def test_plugins_lists_the_defaults_with_their_distribution(tmp_path: Path) -> N
 
 
 def test_demo_runs_and_reports_one_request(tmp_path: Path) -> None:
-    result = run("demo", "--seconds", "1.5", cwd=tmp_path)
+    result = run_upbus("demo", "--seconds", "1.5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "chart | ticker" in result.stdout
     assert "book  | orderbook KRW-BTC" in result.stdout

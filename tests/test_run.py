@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
+from clirun import UPBUS, clean_environment, run_upbus
 
 from upbus.plugins.replay import read_recording
 
-UPBUS = [sys.executable, "-m", "upbus"]
 TABLES = ("tickers", "trades", "orderbooks", "candles", "my_orders", "my_assets")
 
 
@@ -25,10 +23,6 @@ def rows(path: Path) -> int:
         return sum(
             db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES if t in present
         )
-
-
-def environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("UPBUS_")}
 
 
 @pytest.mark.parametrize(
@@ -46,7 +40,7 @@ def test_a_signal_stops_run_and_every_accepted_message_is_stored(
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
-        env=environment(),
+        env=clean_environment(),
     )
     assert process.stdout is not None
     assert process.stderr is not None
@@ -81,38 +75,21 @@ def test_a_signal_stops_run_and_every_accepted_message_is_stored(
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("run")
     database = folder / "upbus.db"
-    result = subprocess.run(
-        [*UPBUS, "run", "--sim", "--db", str(database), "--seconds", "1.5"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=folder,
-        env=environment(),
-        check=False,
-    )
+    result = run_upbus("run", "--sim", "--db", str(database), "--seconds", "1.5", cwd=folder)
     assert result.returncode == 0, result.stderr
     assert rows(database) > 0
     return database
 
 
 def test_db_summarises_what_the_store_holds(recording: Path) -> None:
-    result = subprocess.run(
-        [*UPBUS, "db", str(recording)], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = run_upbus("db", str(recording))
     assert result.returncode == 0, result.stderr
     assert re.search(r"^tickers: \d+ rows", result.stdout, re.M)
     assert re.search(r"^  KRW-BTC +\d+ rows", result.stdout, re.M)
 
 
 def test_replay_prints_the_recording_in_order(recording: Path) -> None:
-    result = subprocess.run(
-        [*UPBUS, "replay", str(recording), "--count", "6", "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=environment(),
-        check=False,
-    )
+    result = run_upbus("replay", str(recording), "--count", "6", "--format", "json")
     assert result.returncode == 0, result.stderr
     printed = [orjson.loads(line) for line in result.stdout.splitlines()]
     recorded = [orjson.loads(frame) for _at, frame in list(read_recording(recording))[:6]]
@@ -123,32 +100,16 @@ def test_replay_prints_the_recording_in_order(recording: Path) -> None:
 
 def test_replay_does_not_record_itself_into_the_store_it_replays(recording: Path) -> None:
     before = rows(recording)
-    env = {**environment(), "UPBUS_PLUGINS__SQLITE__ENABLED": "true"}
-    env["UPBUS_PLUGINS__SQLITE__PATH"] = str(recording)
-    result = subprocess.run(
-        [*UPBUS, "replay", str(recording), "--speed", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    env = {"UPBUS_PLUGINS__SQLITE__ENABLED": "true", "UPBUS_PLUGINS__SQLITE__PATH": str(recording)}
+    result = run_upbus("replay", str(recording), "--speed", "0", env=env)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == before  # every recorded message, once
     assert rows(recording) == before
 
 
 def test_a_store_that_cannot_start_stops_run_with_one_clear_line(tmp_path: Path) -> None:
-    env = {**environment(), "UPBUS_PLUGINS__SQLITE__SPECS": '[{"type": "ticker", "codes": ["x"]}]'}
-    result = subprocess.run(
-        [*UPBUS, "run", "--sim", "--seconds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=env,
-        check=False,
-    )
+    env = {"UPBUS_PLUGINS__SQLITE__SPECS": '[{"type": "ticker", "codes": ["x"]}]'}
+    result = run_upbus("run", "--sim", "--seconds", "1", env=env, cwd=tmp_path)
     assert result.returncode == 1
     assert (
         result.stderr.strip().splitlines()[-1].startswith("Error: the SQLite store did not start")
@@ -158,8 +119,6 @@ def test_a_store_that_cannot_start_stops_run_with_one_clear_line(tmp_path: Path)
 def test_replay_of_a_missing_or_empty_file_is_one_clear_line(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result = subprocess.run(
-        [*UPBUS, "replay", str(empty)], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = run_upbus("replay", str(empty))
     assert result.returncode == 1
     assert result.stderr.strip() == f"Error: {empty} holds no recorded messages"
