@@ -45,7 +45,9 @@ class ConnectionMetrics:
         self.counts["frames_out"] += 1
         self.counts["bytes_out"] += size
 
-    def snapshot(self, channel: str, url: str, message_limiter: Any) -> dict[str, Any]:
+    def snapshot(
+        self, channel: str, url: str, message_limiter: dict[str, object] | None
+    ) -> dict[str, Any]:
         """The dict ``get_connection_metrics()`` returns."""
         return {
             "channel": channel,
