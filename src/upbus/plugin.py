@@ -37,7 +37,7 @@ from upbus.core.hooks._hookspecs import (
     UpbusHookSpecs,
     hookimpl,
 )
-from upbus.core.sending._batcher import Batcher, RequestLimiter, RequestSink
+from upbus.core.sending._batcher import Batcher, RequestLimiter, RequestSink, SinkUnavailable
 from upbus.core.subscriptions._merge import Merger
 from upbus.core.subscriptions._specs import PRIVATE_TYPES, PUBLIC_TYPES, Channel, Mode, Spec, Wish
 from upbus.core.subscriptions._state import MergedState, StateChange, WireEntry
@@ -93,6 +93,7 @@ __all__ = (
     "Rejected",
     "RequestLimiter",
     "RequestSink",
+    "SinkUnavailable",
     "Spec",
     "StateChange",
     "Subscriber",

@@ -7,7 +7,8 @@
 - ``delivery/``: messages to components (router and buffers, events, delivery
   tasks, handler threads, the stall watch);
 - ``hooks/``: hook specifications and the plugin manager;
-- ``_connection.py``: one channel's connection kept alive and in sync;
+- ``connection/``: one channel's connection kept alive and in sync, by job
+  (reconnect loop, sink, receive loop, heartbeat, drift check, refusals, metrics);
 - ``_bus.py``: the Bus that wires them together.
 
 Every module here is private: programs import from :mod:`upbus`, plugin authors

@@ -20,7 +20,6 @@ __all__ = (
     "Connection",
     "ConnectionClosed",
     "HandshakeRejected",
-    "NotConnected",
     "Transport",
     "TransportError",
 )
@@ -50,10 +49,6 @@ class ConnectionClosed(TransportError):
 
 class ConnectFailed(TransportError):
     """A channel gave up connecting after its configured number of attempts."""
-
-
-class NotConnected(TransportError):
-    """The channel has no open connection right now; its state is sent after the next connect."""
 
 
 class Connection(Protocol):
