@@ -20,6 +20,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from upbus.core._bus import Bus
+from upbus.core._errors import BusNotRunning
 from upbus.core.delivery._router import Item, Overflow, Subscriber
 from upbus.core.subscriptions._manager import SpecsArg
 
@@ -69,12 +70,12 @@ class BlockingBus(AbstractContextManager["BlockingBus"]):
     def bus(self) -> Bus:
         """The underlying bus; call its methods through :meth:`call`, not directly."""
         if self._bus is None:
-            raise RuntimeError("the bus is not running: use `with BlockingBus() as bus:`")
+            raise BusNotRunning("the bus is not running: use `with BlockingBus() as bus:`")
         return self._bus
 
     def _call_portal(self) -> BlockingPortal:
         if self._portal is None:
-            raise RuntimeError("the bus is not running: use `with BlockingBus() as bus:`")
+            raise BusNotRunning("the bus is not running: use `with BlockingBus() as bus:`")
         return self._portal
 
     def call(self, func: Callable[..., T], *args: Any) -> T:

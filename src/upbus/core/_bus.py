@@ -23,7 +23,7 @@ from anyio import AsyncContextManagerMixin
 from anyio.abc import TaskGroup
 from opentelemetry.trace import TracerProvider
 
-from upbus.core._errors import BusNotRunning, ConfigError, UpbusError
+from upbus.core._errors import BusNotRunning, ConfigError, OptionError, UpbusError
 from upbus.core._registry import Entry, Registry
 from upbus.core._telemetry import get_tracer
 from upbus.core.connection._manager import WebSocketManager
@@ -84,7 +84,7 @@ class Bus(AsyncContextManagerMixin):
         **overrides: Any,
     ) -> None:
         if settings is not None and overrides:
-            raise TypeError("pass either settings or keyword overrides, not both")
+            raise OptionError("pass either settings or keyword overrides, not both")
         self.settings = settings if settings is not None else load_settings(**overrides)
         self.plugins = (
             plugin_manager if plugin_manager is not None else PluginManager.load(self.settings)

@@ -29,7 +29,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Tracer
 
 from upbus.core import _telemetry as telemetry
 from upbus.core._clock import AnyioClock, Clock
-from upbus.core._errors import LimiterWaitExpired
+from upbus.core._errors import LimiterWaitExpired, OptionError
 from upbus.core.subscriptions._specs import Channel
 from upbus.core.subscriptions._state import MergedState, StateChange, WireEntry
 
@@ -128,9 +128,9 @@ class PendingTaskBatcher:
         tracer: Tracer | None = None,
     ) -> None:
         if debounce < 0:
-            raise ValueError(f"debounce must be >= 0, got {debounce!r}")
+            raise OptionError(f"debounce must be >= 0, got {debounce!r}")
         if max_wait <= 0:
-            raise ValueError(f"max_wait must be > 0, got {max_wait!r}")
+            raise OptionError(f"max_wait must be > 0, got {max_wait!r}")
         self.channel = channel
         self._source = source
         self._current_version = current_version

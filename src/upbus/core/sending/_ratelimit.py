@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import anyio
 
 from upbus.core._clock import AnyioClock, Clock
-from upbus.core._errors import LimiterWaitExpired
+from upbus.core._errors import LimiterWaitExpired, OptionError, UsageError
 
 __all__ = (
     "DEFAULT_BACKOFF_INITIAL",
@@ -71,23 +71,23 @@ _TICK = 1e-6
 
 
 def _check_positive(argument: str, value: float, *, allow_zero: bool = False) -> float:
-    """Return ``value`` as a float, or raise ValueError naming ``argument``."""
+    """Return ``value`` as a float, or raise OptionError (a ValueError) naming ``argument``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{argument} must be a number, got {value!r}")
+        raise OptionError(f"{argument} must be a number, got {value!r}")
     value = float(value)
     if math.isnan(value):
-        raise ValueError(f"{argument} must be a number, got NaN")
+        raise OptionError(f"{argument} must be a number, got NaN")
     if allow_zero:
         if value < 0.0:
-            raise ValueError(f"{argument} must be >= 0, got {value!r}")
+            raise OptionError(f"{argument} must be >= 0, got {value!r}")
     elif value <= 0.0:
-        raise ValueError(f"{argument} must be > 0, got {value!r}")
+        raise OptionError(f"{argument} must be > 0, got {value!r}")
     return value
 
 
 def _check_finite(argument: str, value: float) -> float:
     if math.isinf(value):
-        raise ValueError(f"{argument} must be finite, got {value!r}")
+        raise OptionError(f"{argument} must be finite, got {value!r}")
     return value
 
 
@@ -116,17 +116,17 @@ class RollingWindowLimiter:
         backoff_max: float = DEFAULT_BACKOFF_MAX,
     ) -> None:
         if not windows:
-            raise ValueError("windows must hold at least one (limit, period) pair")
+            raise OptionError("windows must hold at least one (limit, period) pair")
         checked: list[tuple[int, float]] = []
         for index, window in enumerate(windows):
             try:
                 limit, period = window
             except (TypeError, ValueError):
-                raise ValueError(
+                raise OptionError(
                     f"windows[{index}] must be a (limit, period) pair, got {window!r}"
                 ) from None
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-                raise ValueError(f"windows[{index}] limit must be an int >= 1, got {limit!r}")
+                raise OptionError(f"windows[{index}] limit must be an int >= 1, got {limit!r}")
             period = _check_finite(
                 f"windows[{index}] period",
                 _check_positive(f"windows[{index}] period", period),
@@ -140,7 +140,7 @@ class RollingWindowLimiter:
         )
         self.backoff_max = _check_finite("backoff_max", _check_positive("backoff_max", backoff_max))
         if self.backoff_max < self.backoff_initial:
-            raise ValueError(
+            raise OptionError(
                 f"backoff_max ({self.backoff_max!r}) must be >= backoff_initial "
                 f"({self.backoff_initial!r})"
             )
@@ -216,13 +216,13 @@ class RollingWindowLimiter:
         """
         at = self._now(now)
         if self._grants and at < self._grants[-1]:
-            raise ValueError(
+            raise OptionError(
                 f"rate limiter {self.name!r}: grant at {at!r} is earlier than the "
                 f"previous grant at {self._grants[-1]!r}"
             )
         needed = self.delay(at)
         if needed > 0.0:
-            raise RuntimeError(
+            raise UsageError(
                 f"rate limiter {self.name!r}: take() at {at!r} with no slot free "
                 f"(one is free in {needed:.6f}s); wait for delay() to reach 0 first"
             )

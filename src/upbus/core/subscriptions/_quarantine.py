@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from upbus.core._errors import OptionError
 from upbus.core.subscriptions._specs import Wish
 from upbus.core.subscriptions._state import WireEntry
 
@@ -142,7 +143,7 @@ class RequestTracker:
 
     def __init__(self, *, unattributed_limit: int = 3) -> None:
         if unattributed_limit < 1:
-            raise ValueError(f"unattributed_limit must be >= 1, got {unattributed_limit!r}")
+            raise OptionError(f"unattributed_limit must be >= 1, got {unattributed_limit!r}")
         self.good: frozenset[Key] = frozenset()
         self._limit = unattributed_limit
         self._pending: list[_Request] = []
