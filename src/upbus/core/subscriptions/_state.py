@@ -57,7 +57,7 @@ class MergedState:
         return [entry.to_request() for entry in self.entries]
 
     def codes_by_type(self) -> dict[str, set[str]]:
-        """The seed's view: ``{data_type: set_of_codes}`` (depth suffixes removed)."""
+        """The original design's view: ``{data_type: set_of_codes}`` (depth suffixes removed)."""
         view: dict[str, set[str]] = {}
         for entry in self.entries:
             codes = view.setdefault(entry.type, set())
