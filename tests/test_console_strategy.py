@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import anyio
 import orjson
 import pytest
 from factories import START_MS, make_ticker
+from simbus import settings_for
 
 import upbus
 from upbus import ConnectionEvent, Message, Ticker, Trade
@@ -50,15 +50,13 @@ class Lines(io.StringIO):
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(SimConfig(rate=500.0)) as simulator:
-        yield simulator
+def sim_config() -> SimConfig:
+    return SimConfig(rate=500.0)
 
 
 def live_settings(sim: Simulator, **plugins: Any) -> upbus.Settings:
-    return upbus.Settings(
-        public_url=sim.public_url, private_url=sim.private_url, debounce=0.01, plugins=plugins
-    )
+    """:func:`settings_for` ``sim`` with ``plugins``, a shorter debounce and default reconnects."""
+    return settings_for(sim, debounce=0.01, reconnect={}, plugins=plugins)
 
 
 # -- console -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import anyio
 import orjson
 import pytest
 from factories import make_ticker
+from simbus import Recorder, make_bus
 
 import upbus
 from upbus.core.wire._codec import FrameDecoder, to_default_dict
@@ -38,31 +38,24 @@ SPECS = [
 REQUEST = '[{"ticket":"t"},{"type":"ticker","codes":["KRW-BTC"]}]'
 
 
-class Collector:
-    """A lossless component that keeps every message, with the loop time it arrived."""
+class Collector(Recorder):
+    """A lossless :class:`Recorder` that also keeps the loop time each message arrived."""
 
     upbus_overflow = "block"
 
     def __init__(self) -> None:
-        self.messages: list[Message] = []
+        super().__init__()
         self.times: list[float] = []
         self.ended = anyio.Event()
-        self._changed = anyio.Event()
 
     async def on_message(self, message: Message) -> None:
-        self.messages.append(message)
         self.times.append(anyio.current_time())
-        self._changed.set()
+        await super().on_message(message)
 
     async def on_connection_state(self, event: ConnectionEvent) -> None:
         if END_OF_RECORDING in event.detail:
             self.ended.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        with anyio.fail_after(timeout):
-            while not predicate():
-                self._changed = anyio.Event()
-                await self._changed.wait()
+        await super().on_connection_state(event)
 
     async def wait_for_end(self, timeout: float = 10.0) -> None:
         with anyio.fail_after(timeout):
@@ -70,16 +63,13 @@ class Collector:
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(SimConfig(rate=1000.0)) as simulator:
-        yield simulator
+def sim_config() -> SimConfig:
+    return SimConfig(rate=1000.0)
 
 
 def live_bus(sim: Simulator, **plugins: Any) -> upbus.Bus:
-    settings = upbus.Settings(
-        public_url=sim.public_url, private_url=sim.private_url, debounce=0.01, plugins=plugins
-    )
-    return upbus.Bus(settings)
+    """:func:`make_bus` on ``sim`` with ``plugins``, a shorter debounce and default reconnects."""
+    return make_bus(sim, debounce=0.01, reconnect={}, plugins=plugins)
 
 
 def replay_bus(path: Path, speed: float | None) -> upbus.Bus:

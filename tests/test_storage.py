@@ -7,13 +7,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from simbus import Recorder, make_bus
 
 import upbus
 from upbus.core.wire._codec import FrameDecoder
@@ -32,39 +32,15 @@ SPECS = [
 ]
 
 
-class Watcher:
-    """A component that re-checks a condition on every message, so waits follow the data."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._changed = anyio.Event()
-
-    async def on_message(self, message: Message) -> None:
-        self.count += 1
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        with anyio.fail_after(timeout):
-            while not predicate():
-                self._changed = anyio.Event()
-                await self._changed.wait()
-
-
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(SimConfig(rate=1000.0)) as simulator:
-        yield simulator
+def sim_config() -> SimConfig:
+    return SimConfig(rate=1000.0)
 
 
-def make_bus(sim: Simulator, **sqlite: Any) -> upbus.Bus:
-    return upbus.Bus(
-        upbus.Settings(
-            public_url=sim.public_url,
-            private_url=sim.private_url,
-            debounce=0.01,
-            plugins={"sqlite": {"enabled": True, "specs": SPECS, **sqlite}},
-        )
-    )
+def sqlite_bus(sim: Simulator, **sqlite: Any) -> upbus.Bus:
+    """A bus on ``sim`` storing ``SPECS`` with the ``sqlite`` plugin options."""
+    sqlite_options = {"enabled": True, "specs": SPECS, **sqlite}
+    return make_bus(sim, debounce=0.01, reconnect={}, plugins={"sqlite": sqlite_options})
 
 
 def rows(path: Path, table: str) -> int:
@@ -81,10 +57,10 @@ async def test_every_accepted_message_is_a_row_after_the_bus_closes(
     sim: Simulator, tmp_path: Path
 ) -> None:
     db = tmp_path / "x.db"
-    async with make_bus(sim, path=str(db), batch_size=25, flush_interval=0.05) as bus:
+    async with sqlite_bus(sim, path=str(db), batch_size=25, flush_interval=0.05) as bus:
         store = sqlite_store.store_for(bus)
         assert store is not None
-        watcher = Watcher()
+        watcher = Recorder()
         await bus.register_component(watcher, SPECS)
         await watcher.wait_for(lambda: store.accepted >= 300)
     assert sqlite_store.store_for(bus) is None
@@ -101,10 +77,10 @@ async def test_shutdown_writes_what_was_still_waiting_for_its_batch(
     sim: Simulator, tmp_path: Path
 ) -> None:
     db = tmp_path / "x.db"
-    async with make_bus(sim, path=str(db), batch_size=100_000, flush_interval=3600) as bus:
+    async with sqlite_bus(sim, path=str(db), batch_size=100_000, flush_interval=3600) as bus:
         store = sqlite_store.store_for(bus)
         assert store is not None
-        watcher = Watcher()
+        watcher = Recorder()
         await bus.register_component(watcher, SPECS)
         await watcher.wait_for(lambda: store.accepted >= 100)
         assert store.written == 0
@@ -113,11 +89,11 @@ async def test_shutdown_writes_what_was_still_waiting_for_its_batch(
 
 async def test_writes_happen_off_the_event_loop(sim: Simulator, tmp_path: Path) -> None:
     db = tmp_path / "x.db"
-    async with make_bus(sim, path=str(db), batch_size=10, flush_interval=0.02) as bus:
+    async with sqlite_bus(sim, path=str(db), batch_size=10, flush_interval=0.02) as bus:
         store = sqlite_store.store_for(bus)
         assert store is not None
         assert store.writer.ident != threading.get_ident()
-        watcher = Watcher()
+        watcher = Recorder()
         await bus.register_component(watcher, SPECS)
         await watcher.wait_for(lambda: store.written >= 20)
 
@@ -142,10 +118,10 @@ async def test_tables_are_typed_and_the_database_is_in_wal_mode(
     sim: Simulator, tmp_path: Path
 ) -> None:
     db = tmp_path / "x.db"
-    async with make_bus(sim, path=str(db), flush_interval=0.05) as bus:
+    async with sqlite_bus(sim, path=str(db), flush_interval=0.05) as bus:
         store = sqlite_store.store_for(bus)
         assert store is not None
-        watcher = Watcher()
+        watcher = Recorder()
         await bus.register_component(watcher, SPECS)
         await watcher.wait_for(lambda: store.accepted >= 30)
 
@@ -184,10 +160,10 @@ async def test_tables_are_typed_and_the_database_is_in_wal_mode(
 
 async def test_summarize_counts_rows_per_table_and_code(sim: Simulator, tmp_path: Path) -> None:
     db = tmp_path / "x.db"
-    async with make_bus(sim, path=str(db), flush_interval=0.05) as bus:
+    async with sqlite_bus(sim, path=str(db), flush_interval=0.05) as bus:
         store = sqlite_store.store_for(bus)
         assert store is not None
-        watcher = Watcher()
+        watcher = Recorder()
         await bus.register_component(watcher, SPECS)
         await watcher.wait_for(lambda: store.accepted >= 60)
 
@@ -226,12 +202,12 @@ async def test_disabled_by_default_it_contributes_nothing(
 
 async def test_a_store_that_cannot_open_is_isolated(sim: Simulator, tmp_path: Path) -> None:
     # A directory is not a database: the plugin fails, logged and counted; the bus runs on.
-    async with make_bus(sim, path=str(tmp_path)) as bus:
+    async with sqlite_bus(sim, path=str(tmp_path)) as bus:
         assert sqlite_store.store_for(bus) is None
         assert bus.plugins.failures["sqlite"] == 1
-        watcher = Watcher()
+        watcher = Recorder()
         await bus.register_component(watcher, upbus.ticker("KRW-BTC"))
-        await watcher.wait_for(lambda: watcher.count >= 3)
+        await watcher.wait_for(lambda: len(watcher.messages) >= 3)
 
 
 def test_an_exiting_interpreter_still_writes_what_was_accepted(tmp_path: Path) -> None:

@@ -3,44 +3,16 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 import orjson
 import pytest
-from simbus import ACCESS, SECRET, funded_config, make_bus
+from simbus import ACCESS, SECRET, Recorder, funded_config, make_bus
 
 import upbus
-from upbus.core.delivery._router import ConnectionEvent
-from upbus.core.wire._messages import Message, MyOrder, Orderbook
-from upbus.sim import Simulator
-
-
-class Recorder:
-    """A component that keeps what it receives and wakes waiters."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self.events: list[ConnectionEvent] = []
-        self.order: list[str] = []  # "msg" / event states, in arrival order
-        self._changed = anyio.Event()
-
-    async def on_message(self, message: Message) -> None:
-        self.messages.append(message)
-        self.order.append("msg")
-        self._changed.set()
-
-    async def on_connection_state(self, event: ConnectionEvent) -> None:
-        self.events.append(event)
-        self.order.append(event.state)
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        with anyio.fail_after(timeout):
-            while not predicate():
-                self._changed = anyio.Event()
-                await self._changed.wait()
+from upbus.core.wire._messages import MyOrder, Orderbook
+from upbus.sim import SimConfig, Simulator
 
 
 def body(raw: str) -> list[Any]:
@@ -56,9 +28,8 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(funded_config(rate=200.0)) as simulator:
-        yield simulator
+def sim_config() -> SimConfig:
+    return funded_config(rate=200.0)
 
 
 @pytest.mark.anyio
