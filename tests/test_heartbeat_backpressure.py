@@ -14,22 +14,21 @@ several heartbeat timeouts, since the absence of a timeout has no event to wait 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from simbus import make_bus
 from wsproto.events import BytesMessage, CloseConnection, Ping
-from wsservers import WAIT, Handler, Peer, serve
+from wsservers import WAIT, Handler, Kind, Peer, connected, each_transport, make_transport
 
 import upbus
 from upbus.core.delivery._router import ConnectionEvent, Subscriber
-from upbus.core.wire._httpx import HttpxWsTransport, WsConnection
 from upbus.core.wire._messages import Trade
-from upbus.core.wire._picows import PicowsConnection, PicowsTransport
-from upbus.core.wire._transport import ConnectionClosed
+from upbus.core.wire._transport import Connection, ConnectionClosed
 from upbus.sim import SimConfig, Simulator
 
 TRANSPORTS = pytest.mark.parametrize("transport", ["httpx", "picows"])
@@ -43,10 +42,15 @@ class Silent:
     """A component that iterates its buffer only when told to."""
 
 
-def make_bus(sim: Simulator, transport: str) -> upbus.Bus:
-    return upbus.Bus(
-        public_url=sim.public_url,
-        private_url=sim.private_url,
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(rate=RATE)
+
+
+def heartbeat_bus(sim: Simulator, transport: str) -> upbus.Bus:
+    """A bus on ``sim`` over ``transport`` whose heartbeat runs every ``INTERVAL``."""
+    return make_bus(
+        sim,
         transport=transport,
         debounce=0.02,
         heartbeat_interval=INTERVAL,
@@ -86,9 +90,9 @@ async def take_trades(subscriber: Subscriber, count: int) -> tuple[list[Trade], 
 @TRANSPORTS
 @pytest.mark.anyio
 async def test_a_consumer_that_does_not_read_never_makes_the_connection_look_dead(
-    transport: str,
+    sim: Simulator, transport: str
 ) -> None:
-    async with Simulator(SimConfig(rate=RATE)) as sim, make_bus(sim, transport) as bus:
+    async with heartbeat_bus(sim, transport) as bus:
         component = Silent()
         subscriber = await bus.register_component(
             component, [upbus.trade("KRW-BTC")], overflow="block", capacity=5
@@ -128,13 +132,9 @@ async def test_a_consumer_that_does_not_read_never_makes_the_connection_look_dea
 @pytest.mark.parametrize("backpressured", [True, False], ids=["backpressured", "reading"])
 @pytest.mark.anyio
 async def test_a_stalled_server_is_still_found_by_the_heartbeat(
-    transport: str, backpressured: bool
+    sim: Simulator, transport: str, backpressured: bool
 ) -> None:
-    async with (
-        Simulator(SimConfig(rate=RATE)) as sim,
-        make_bus(sim, transport) as bus,
-        anyio.create_task_group() as tg,
-    ):
+    async with heartbeat_bus(sim, transport) as bus, anyio.create_task_group() as tg:
         component = Silent()
         subscriber = await bus.register_component(
             component, [upbus.trade("KRW-BTC")], overflow="block", capacity=5
@@ -163,41 +163,23 @@ async def test_a_stalled_server_is_still_found_by_the_heartbeat(
 
 # -- the rule at the transport level ------------------------------------------------------
 
-# The default transport runs on trio too; picows on asyncio only.
-TRANSPORT_BACKENDS = pytest.mark.parametrize(
-    ("transport", "anyio_backend"),
-    [("httpx", "asyncio"), ("httpx", "trio"), ("picows", "asyncio")],
-)
 MAX_PENDING = 50
 FLOOD = 5000  # 1 kB frames: far more than fits in the socket buffers and max_pending
 
 
-@asynccontextmanager
-async def connected(
-    transport: str, handler: Handler
-) -> AsyncIterator[WsConnection | PicowsConnection]:
-    opener: HttpxWsTransport | PicowsTransport
-    if transport == "httpx":
-        opener = HttpxWsTransport(max_pending=MAX_PENDING)
-    else:
-        opener = PicowsTransport(max_pending=MAX_PENDING, trust_env=False)
-    async with serve(handler) as url, opener:
-        with anyio.fail_after(WAIT):
-            conn = await opener.connect(url, {})
-        try:
-            yield conn
-        finally:
-            await conn.aclose()
+def opened(handler: Handler, kind: Kind) -> AbstractAsyncContextManager[Connection]:
+    """A connection through a ``kind`` transport holding at most ``MAX_PENDING`` unread."""
+    return connected(handler, make_transport(kind, max_pending=MAX_PENDING))
 
 
 def numbered(index: int) -> bytes:
     return b"%06d" % index + b"x" * 1000
 
 
-@TRANSPORT_BACKENDS
+@each_transport(trio=True)
 @pytest.mark.anyio
 async def test_the_ping_clock_stops_while_the_reader_is_behind_and_the_pong_comes_after(
-    transport: str,
+    kind: Kind,
 ) -> None:
     async def handler(peer: Peer) -> None:
         await peer.accept()
@@ -211,11 +193,11 @@ async def test_the_ping_clock_stops_while_the_reader_is_behind_and_the_pong_come
     answered = anyio.Event()
     rtts: list[float] = []
 
-    async def ping(conn: WsConnection | PicowsConnection) -> None:
+    async def ping(conn: Connection) -> None:
         rtts.append(await conn.ping(0.2))
         answered.set()
 
-    async with connected(transport, handler) as conn, anyio.create_task_group() as tg:
+    async with opened(handler, kind) as conn, anyio.create_task_group() as tg:
         tg.start_soon(ping, conn)
         await until(lambda: conn.reading_paused)
         # Five timeouts long, with nobody reading: the ping neither fails nor ends.
@@ -234,17 +216,17 @@ async def test_the_ping_clock_stops_while_the_reader_is_behind_and_the_pong_come
         await conn.aclose()
 
 
-@TRANSPORT_BACKENDS
+@each_transport(trio=True)
 @pytest.mark.anyio
 async def test_ping_without_a_reader_reads_and_keeps_the_messages_in_order(
-    transport: str,
+    kind: Kind,
 ) -> None:
     async def handler(peer: Peer) -> None:
         await peer.accept()
         await peer.send(*(BytesMessage(numbered(i)) for i in range(20)))
         await peer.expect(CloseConnection)  # answers every ping on the way
 
-    async with connected(transport, handler) as conn:
+    async with opened(handler, kind) as conn:
         with anyio.fail_after(WAIT):
             rtts = [await conn.ping(WAIT) for _ in range(3)]
             received: list[bytes | str] = []
@@ -254,17 +236,17 @@ async def test_ping_without_a_reader_reads_and_keeps_the_messages_in_order(
         assert all(0 < rtt < WAIT for rtt in rtts)
 
 
-@TRANSPORT_BACKENDS
+@each_transport(trio=True)
 @pytest.mark.anyio
 async def test_a_silent_server_times_the_ping_out_with_or_without_a_reader(
-    transport: str,
+    kind: Kind,
 ) -> None:
     async def handler(peer: Peer) -> None:
         await peer.accept(BytesMessage(b"hello"))
         while await peer.next_event() is not None:  # reads pings, answers none
             pass
 
-    async with connected(transport, handler) as conn:
+    async with opened(handler, kind) as conn:
         with anyio.fail_after(WAIT), pytest.raises(TimeoutError):
             await conn.ping(0.2)  # nobody reads: the ping reads, and finds nothing
         assert not conn.closed
@@ -285,10 +267,10 @@ async def test_a_silent_server_times_the_ping_out_with_or_without_a_reader(
         assert received == [b"hello"]
 
 
-@TRANSPORT_BACKENDS
+@each_transport(trio=True)
 @pytest.mark.anyio
 async def test_pings_and_an_intermittent_reader_share_the_socket_without_loss(
-    transport: str,
+    kind: Kind,
 ) -> None:
     """The reading role passes between ``receive_batch`` and ``ping`` many times."""
     count = 3000
@@ -303,7 +285,7 @@ async def test_pings_and_an_intermittent_reader_share_the_socket_without_loss(
     received: list[bytes | str] = []
     rtts: list[float] = []
     done = anyio.Event()
-    async with connected(transport, handler) as conn:
+    async with opened(handler, kind) as conn:
         with anyio.fail_after(WAIT * 2):
             async with anyio.create_task_group() as tg:
 
