@@ -75,6 +75,7 @@ from typing import Any
 
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from clirun import UPBUS, clean_environment
 from docs_blocks import (
     ROOT,
     Block,
@@ -312,8 +313,12 @@ class Ran:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """:func:`clean_environment` minus ``PYTEST_*`` and ``PYTHONPATH``, plus ``extra``.
+
+    This interpreter's directory comes first on ``PATH``, so a block's ``upbus`` is ours.
+    """
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("UPBUS_", "PYTEST_", "PYTHONPATH"))
+        k: v for k, v in clean_environment().items() if not k.startswith(("PYTEST_", "PYTHONPATH"))
     }
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return {**env, **extra}
@@ -389,7 +394,7 @@ class Context:
                     "sqlite": {"specs": specs},
                     "jsonl": {"enabled": True, "path": "data/upbus.jsonl", "specs": specs},
                 }
-                command = [sys.executable, "-m", "upbus", "run", "--sim", "--seconds", "2"]
+                command = [*UPBUS, "run", "--sim", "--seconds", "2"]
                 ran = run_bounded(
                     [*command, "--db", "data/upbus.db"],
                     where,

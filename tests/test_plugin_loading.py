@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirun import clean_environment
 
 from upbus.core._errors import PluginError, PluginLoadError
 from upbus.core.hooks._hookspecs import hookimpl
@@ -105,9 +106,8 @@ def write_distribution(root: Path, name: str, version: str, entry_points: str) -
 
 @pytest.fixture(autouse=True)
 def _no_upbus_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("UPBUS_"):
-            monkeypatch.delenv(key)
+    for key in os.environ.keys() - clean_environment().keys():
+        monkeypatch.delenv(key)
 
 
 @pytest.fixture

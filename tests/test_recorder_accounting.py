@@ -11,13 +11,11 @@ the database), so the moments of cancellation are chosen, not raced for.
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from anyio.abc import TaskStatus
+from clirun import UPBUS, clean_environment
 from factories import make_ticker
 
 from upbus import Message
@@ -249,15 +248,9 @@ def stored_rows(path: Path) -> int:
 
 # -- `upbus run`, stopped by SIGTERM mid-flood -----------------------------------------
 
-UPBUS = [sys.executable, "-m", "upbus"]
 RUNS, GROUPS = 20, 4  # GROUPS runs at a time, each group one after another
 STEP_TIMEOUT = 30.0  # seconds any one wait for a subprocess may take
 STORED = re.compile(r"stored (\d+) of (\d+) accepted messages")
-
-
-def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UPBUS_")}
-    return {**env, **extra}
 
 
 class Lines:
@@ -319,7 +312,7 @@ def run_until_sigterm(url: str, folder: Path, after: int) -> tuple[int, int, int
     (stored, accepted, rows in the file)."""
     db = folder / "upbus.db"
     args = [*UPBUS, "run", "--db", str(db), "--status-every", "0.05"]
-    env = environment(UPBUS_PUBLIC_URL=url)
+    env = clean_environment(UPBUS_PUBLIC_URL=url)
     with running(args, cwd=folder, env=env) as (process, out, err):
         out.wait_for(lambda line: "recording into" in line)
 
@@ -341,7 +334,7 @@ def run_until_sigterm(url: str, folder: Path, after: int) -> tuple[int, int, int
 @pytest.mark.timeout(180)
 def test_sigterm_during_a_max_rate_flood_stores_every_accepted_message(tmp_path: Path) -> None:
     started = time.monotonic()
-    with running([*UPBUS, "sim", "--rate", "max", "--port", "0"], env=environment()) as (
+    with running([*UPBUS, "sim", "--rate", "max", "--port", "0"], env=clean_environment()) as (
         _sim,
         sim_out,
         _sim_err,
