@@ -44,7 +44,8 @@ import orjson
 
 import upbus
 from upbus.core._bus import Bus
-from upbus.core.delivery._router import Router, Subscriber
+from upbus.core.delivery._buffer import Subscriber
+from upbus.core.delivery._router import Router
 from upbus.core.hooks._hookspecs import hookimpl
 from upbus.core.hooks._manager import PluginManager
 from upbus.core.subscriptions._specs import Channel, Spec, ticker, trade

@@ -21,8 +21,8 @@ from pydantic import SecretStr
 import upbus
 from upbus.core._bus import Bus
 from upbus.core._errors import UpbusError
+from upbus.core.delivery._buffer import Subscriber
 from upbus.core.delivery._events import BusEvent, ConnectionEvent
-from upbus.core.delivery._router import Subscriber
 from upbus.core.hooks._manager import PluginManager
 from upbus.core.subscriptions._specs import CANDLE_UNITS, Spec, parse_specs
 from upbus.core.wire._codec import to_default_dict

@@ -21,7 +21,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from upbus.core._bus import Bus
 from upbus.core._errors import BusNotRunning
-from upbus.core.delivery._router import Item, Overflow, Subscriber
+from upbus.core.delivery._buffer import Item, Overflow, Subscriber
 from upbus.core.subscriptions._manager import SpecsArg
 
 __all__ = ("BlockingBus",)

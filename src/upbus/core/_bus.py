@@ -27,15 +27,15 @@ from upbus.core._errors import BusNotRunning, ConfigError, OptionError, UpbusErr
 from upbus.core._registry import Entry, Registry
 from upbus.core._telemetry import get_tracer
 from upbus.core.connection._manager import WebSocketManager
-from upbus.core.delivery._events import ConnectionEvent, Rejected
-from upbus.core.delivery._router import (
+from upbus.core.delivery._buffer import (
     DEFAULT_CAPACITY,
     DEFAULT_OVERFLOW,
     Overflow,
-    Router,
     Subscriber,
     check_overflow,
 )
+from upbus.core.delivery._events import ConnectionEvent, Rejected
+from upbus.core.delivery._router import Router
 from upbus.core.delivery._scheduler import Delivery
 from upbus.core.delivery._stall_watch import StallWatch
 from upbus.core.hooks._manager import PluginManager

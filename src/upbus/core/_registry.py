@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from upbus.core._errors import ComponentError
 
 if TYPE_CHECKING:
-    from upbus.core.delivery._router import Subscriber
+    from upbus.core.delivery._buffer import Subscriber
     from upbus.core.subscriptions._specs import Spec, Wish
 
 __all__ = ("Entry", "LeaveListener", "Registry")
