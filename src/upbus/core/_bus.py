@@ -40,7 +40,7 @@ from upbus.core.delivery._scheduler import Delivery
 from upbus.core.delivery._stall_watch import StallWatch
 from upbus.core.hooks._manager import PluginManager
 from upbus.core.sending._batcher import Batcher
-from upbus.core.sending._ratelimit import RollingWindowLimiter
+from upbus.core.sending._ratelimit import RateLimiter
 from upbus.core.subscriptions._manager import SpecsArg, SubscriptionManager
 from upbus.core.subscriptions._specs import (
     PRIVATE_TYPES,
@@ -104,7 +104,7 @@ class Bus(AsyncContextManagerMixin):
         self.stall_watch = StallWatch(self._registry.label_of)
         # "new", then "running", then "closed": a bus runs once.
         self._phase = "new"
-        self._connect_limiters: dict[str, RollingWindowLimiter] = {}
+        self._connect_limiters: dict[str, RateLimiter] = {}
         self._managers: dict[Channel, WebSocketManager] = {}
         self._batchers: dict[Channel, Batcher] = {}
         self._task_group: TaskGroup | None = None

@@ -33,7 +33,7 @@ from upbus.core.connection._receive import ReceiveLoop
 from upbus.core.connection._refusals import OnRejected, Refusals
 from upbus.core.connection._sink import ConnectionSink
 from upbus.core.connection._verify import DriftCheck
-from upbus.core.sending._ratelimit import ConnectionBudget, RollingWindowLimiter
+from upbus.core.sending._ratelimit import ConnectionBudget, RateLimiter
 from upbus.core.subscriptions._manager import SubscriptionManager
 from upbus.core.subscriptions._quarantine import REQUEST_ERRORS
 from upbus.core.subscriptions._specs import Channel
@@ -88,8 +88,8 @@ class WebSocketManager:
         url: str,
         transport: Transport,
         subscriptions: SubscriptionManager,
-        connect_limiter: RollingWindowLimiter,
-        make_message_limiter: Callable[[str], RollingWindowLimiter],
+        connect_limiter: RateLimiter,
+        make_message_limiter: Callable[[str], RateLimiter],
         deliver: Callable[[list[Message]], None],
         backpressure: Callable[[], Awaitable[None]] | None = None,
         on_state: Callable[[str, str], None] | None = None,

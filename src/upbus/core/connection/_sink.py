@@ -17,7 +17,7 @@ from collections.abc import Callable
 from upbus.core._errors import LimiterWaitExpired
 from upbus.core.connection._metrics import ConnectionMetrics
 from upbus.core.sending._batcher import SinkUnavailable
-from upbus.core.sending._ratelimit import ConnectionBudget, RollingWindowLimiter
+from upbus.core.sending._ratelimit import ConnectionBudget, RateLimiter
 from upbus.core.subscriptions._specs import Channel
 from upbus.core.subscriptions._state import MergedState
 from upbus.core.wire._codec import encode_request, new_ticket
@@ -69,7 +69,7 @@ class ConnectionSink:
 
     # -- the manager's side -------------------------------------------------------------
 
-    def open(self, conn: Connection, limiter: RollingWindowLimiter) -> None:
+    def open(self, conn: Connection, limiter: RateLimiter) -> None:
         """Send on ``conn`` from now on, charged to ``limiter``."""
         self.conn = conn
         self.budget.use(limiter)

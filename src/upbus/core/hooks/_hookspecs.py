@@ -29,9 +29,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pluggy
+
+from upbus.core.sending._ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -81,36 +83,6 @@ HookKind = Literal["policy", "consumer", "lifecycle", "observation"]
   return an awaitable, which the bus awaits.
 - ``observation``: like ``consumer``; answers are ignored, keep it quick.
 """
-
-
-class RateLimiter(Protocol):
-    """What the bus and the batcher use of a rate limiter (``upbus_make_rate_limiter``).
-
-    :class:`upbus.RollingWindowLimiter` is the default implementation.
-    """
-
-    async def wait(self, max_wait: float | None = None) -> float:
-        """Wait until one grant is allowed, without taking it; return the seconds waited.
-
-        Raises :class:`upbus.LimiterWaitExpired` when that takes longer than ``max_wait``.
-        """
-        ...
-
-    def take(self, now: float | None = None) -> None:
-        """Record one grant at ``now`` (default: the limiter's clock)."""
-        ...
-
-    async def acquire(self, max_wait: float | None = None) -> float:
-        """:meth:`wait`, then :meth:`take`; return the seconds waited."""
-        ...
-
-    def back_off(self, now: float | None = None) -> float:
-        """The exchange answered "Too Many Requests": block grants for a while; return how long."""
-        ...
-
-    def status(self, now: float | None = None) -> dict[str, object]:
-        """A snapshot of usage and statistics, shown by ``Bus.get_rate_limiter_status()``."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

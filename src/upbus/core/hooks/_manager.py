@@ -43,7 +43,7 @@ from upbus.core.hooks._hookspecs import HOOKS, PROJECT, LimiterKind, UpbusHookSp
 if TYPE_CHECKING:
     from upbus.core._bus import Bus
     from upbus.core.sending._batcher import Batcher, RequestLimiter, RequestSink
-    from upbus.core.sending._ratelimit import RollingWindowLimiter
+    from upbus.core.sending._ratelimit import RateLimiter
     from upbus.core.subscriptions._manager import SubscriptionManager
     from upbus.core.subscriptions._merge import Merger
     from upbus.core.subscriptions._specs import Channel
@@ -317,15 +317,13 @@ class PluginManager:
         )
         return cast("Batcher", result)
 
-    def make_rate_limiter(
-        self, kind: LimiterKind, scope: str, settings: Settings
-    ) -> RollingWindowLimiter:
+    def make_rate_limiter(self, kind: LimiterKind, scope: str, settings: Settings) -> RateLimiter:
         """A ``"connect"`` or ``"message"`` limiter for ``scope``.
 
         Hook ``upbus_make_rate_limiter``.
         """
         result = self._provide("upbus_make_rate_limiter", kind=kind, scope=scope, settings=settings)
-        return cast("RollingWindowLimiter", result)
+        return cast("RateLimiter", result)
 
     def make_transport(self, channel: Channel, settings: Settings) -> Transport:
         """The transport for ``channel`` (hook ``upbus_make_transport``)."""

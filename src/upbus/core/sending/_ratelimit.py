@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import Protocol
 
 import anyio
 
@@ -43,6 +44,7 @@ __all__ = (
     "DEFAULT_MARGIN",
     "DEFAULT_MAX_WAIT",
     "ConnectionBudget",
+    "RateLimiter",
     "RollingWindowLimiter",
     "upbit_connect_limiter",
     "upbit_message_limiter",
@@ -89,6 +91,36 @@ def _check_finite(argument: str, value: float) -> float:
     if math.isinf(value):
         raise OptionError(f"{argument} must be finite, got {value!r}")
     return value
+
+
+class RateLimiter(Protocol):
+    """What the bus and the batcher use of a rate limiter (``upbus_make_rate_limiter``).
+
+    :class:`upbus.RollingWindowLimiter` is the default implementation.
+    """
+
+    async def wait(self, max_wait: float | None = None) -> float:
+        """Wait until one grant is allowed, without taking it; return the seconds waited.
+
+        Raises :class:`upbus.LimiterWaitExpired` when that takes longer than ``max_wait``.
+        """
+        ...
+
+    def take(self, now: float | None = None) -> None:
+        """Record one grant at ``now`` (default: the limiter's clock)."""
+        ...
+
+    async def acquire(self, max_wait: float | None = None) -> float:
+        """:meth:`wait`, then :meth:`take`; return the seconds waited."""
+        ...
+
+    def back_off(self, now: float | None = None) -> float:
+        """The exchange answered "Too Many Requests": block grants for a while; return how long."""
+        ...
+
+    def status(self, now: float | None = None) -> dict[str, object]:
+        """A snapshot of usage and statistics, shown by ``Bus.get_rate_limiter_status()``."""
+        ...
 
 
 class RollingWindowLimiter:
@@ -389,14 +421,14 @@ class ConnectionBudget:
     """
 
     def __init__(self) -> None:
-        self._limiter: RollingWindowLimiter | None = None
+        self._limiter: RateLimiter | None = None
 
     @property
-    def current(self) -> RollingWindowLimiter | None:
+    def current(self) -> RateLimiter | None:
         """The current connection's limiter, or ``None`` between connections."""
         return self._limiter
 
-    def use(self, limiter: RollingWindowLimiter | None) -> None:
+    def use(self, limiter: RateLimiter | None) -> None:
         """Charge everything from now on to ``limiter`` (``None``: no connection)."""
         self._limiter = limiter
 
