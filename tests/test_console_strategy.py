@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import orjson
 import pytest
-from factories import START_MS, make_ticker
+from factories import START_MS, make_ticker, make_trade
 from simbus import settings_for
 
 import upbus
-from upbus import ConnectionEvent, Message, Ticker, Trade
+from upbus import ConnectionEvent, Message, Ticker
 from upbus.core.wire._codec import to_default_dict
 from upbus.plugins.console import ConsoleSettings, ConsoleView, format_line
 from upbus.plugins.ma_cross import MaCross, MaCrossSettings
@@ -94,21 +95,7 @@ async def test_the_console_prints_one_line_per_key_per_interval() -> None:
 def test_console_lines_are_compact_and_readable() -> None:
     line = format_line(ticker(143_500_000.0))
     assert line.endswith(" ticker    KRW-BTC    143,500,000 +1.25%  vol24h 2,345.6789")
-    trade = Trade(
-        code="KRW-BTC",
-        trade_price=143_500_000.0,
-        trade_volume=0.0123,
-        ask_bid="BID",
-        prev_closing_price=1.0,
-        change="RISE",
-        change_price=0.0,
-        trade_date="2025-01-01",
-        trade_time="00:00:00",
-        trade_timestamp=1,
-        timestamp=1,
-        sequential_id=1,
-        stream_type="REALTIME",
-    )
+    trade = msgspec.structs.replace(make_trade(), trade_price=143_500_000.0, trade_volume=0.0123)
     assert format_line(trade).endswith(" trade     KRW-BTC    BID 143,500,000 x 0.0123")
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
+from factories import make_trade
 from simbus import Recorder, make_bus
 
 import upbus
@@ -255,21 +257,7 @@ def test_a_store_appends_to_an_existing_database(tmp_path: Path) -> None:
 
 
 def trade(price: float) -> Trade:
-    return Trade(
-        code="KRW-BTC",
-        trade_price=price,
-        trade_volume=0.1,
-        ask_bid="BID",
-        prev_closing_price=1.0,
-        change="RISE",
-        change_price=0.0,
-        trade_date="2025-01-01",
-        trade_time="00:00:00",
-        trade_timestamp=1,
-        timestamp=1,
-        sequential_id=1,
-        stream_type="REALTIME",
-    )
+    return msgspec.structs.replace(make_trade(), trade_price=price, trade_volume=0.1)
 
 
 def test_backpressure_waits_for_the_writer_and_loses_nothing(tmp_path: Path) -> None:
