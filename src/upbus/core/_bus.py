@@ -38,6 +38,7 @@ from upbus.core.delivery._events import ConnectionEvent, Rejected
 from upbus.core.delivery._router import Router
 from upbus.core.delivery._scheduler import Delivery
 from upbus.core.delivery._stall_watch import StallWatch
+from upbus.core.hooks._hookspecs import ConnectionState
 from upbus.core.hooks._manager import PluginManager
 from upbus.core.sending._batcher import Batcher
 from upbus.core.sending._ratelimit import RateLimiter
@@ -247,7 +248,7 @@ class Bus(AsyncContextManagerMixin):
             return {}
         return bearer_headers(access, secret, self.settings.jwt_algorithm)
 
-    def _connection_state(self, channel: Channel, state: str, detail: str) -> None:
+    def _connection_state(self, channel: Channel, state: ConnectionState, detail: str) -> None:
         if state in ("connected", "gap", "reconnected"):
             self.router.broadcast(
                 _CHANNEL_TYPES[channel], ConnectionEvent(channel.value, state, detail)

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -47,6 +47,9 @@ from upbus.core.wire._transport import (
     Transport,
     TransportError,
 )
+
+if TYPE_CHECKING:
+    from upbus.core.hooks._hookspecs import ConnectionState
 
 __all__ = ("OnRejected", "WebSocketManager")
 
@@ -92,7 +95,7 @@ class WebSocketManager:
         make_message_limiter: Callable[[str], RateLimiter],
         deliver: Callable[[list[Message]], None],
         backpressure: Callable[[], Awaitable[None]] | None = None,
-        on_state: Callable[[str, str], None] | None = None,
+        on_state: Callable[[ConnectionState, str], None] | None = None,
         on_sent: Callable[[MergedState, int], None] | None = None,
         on_rejected: OnRejected | None = None,
         headers: Callable[[], Mapping[str, str]] = dict,
@@ -394,7 +397,7 @@ class WebSocketManager:
         )
         sink.resume()
 
-    def _set_state(self, state: str, detail: str) -> None:
+    def _set_state(self, state: ConnectionState, detail: str) -> None:
         self._metrics.state = state
         log.debug("%s: %s (%s)", self.channel.value, state, detail)
         if self._on_state is not None:

@@ -38,7 +38,13 @@ from opentelemetry.trace import Tracer
 
 from upbus.core._errors import PluginError, PluginLoadError
 from upbus.core._telemetry import get_tracer
-from upbus.core.hooks._hookspecs import HOOKS, PROJECT, LimiterKind, UpbusHookSpecs
+from upbus.core.hooks._hookspecs import (
+    HOOKS,
+    PROJECT,
+    ConnectionState,
+    LimiterKind,
+    UpbusHookSpecs,
+)
 
 if TYPE_CHECKING:
     from upbus.core._bus import Bus
@@ -394,7 +400,7 @@ class PluginManager:
         """Call ``upbus_shutdown``; return the awaitables to await, as :meth:`startup` does."""
         return self._awaitables("upbus_shutdown", bus)
 
-    def connection_state(self, channel: Channel, state: str, detail: str) -> None:
+    def connection_state(self, channel: Channel, state: ConnectionState, detail: str) -> None:
         """Tell plugins a connection changed state (hook ``upbus_connection_state``)."""
         for name, result in self._notify(
             "upbus_connection_state", channel=channel, state=state, detail=detail
