@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ def sqlite_bus(sim: Simulator, **sqlite: Any) -> upbus.Bus:
     return make_bus(sim, debounce=0.01, reconnect={}, plugins={"sqlite": sqlite_options})
 
 
+async def stored(
+    bus: upbus.Bus, until: Callable[[SqliteStore], bool]
+) -> tuple[SqliteStore, Recorder]:
+    """``bus``'s store once ``until(store)`` holds, and the component on ``SPECS`` that waited."""
+    store = sqlite_store.store_for(bus)
+    assert store is not None
+    watcher = Recorder()
+    await bus.register_component(watcher, SPECS)
+    await watcher.wait_for(lambda: until(store))
+    return store, watcher
+
+
 def rows(path: Path, table: str) -> int:
     with closing(sqlite3.connect(path)) as db:
         count: int = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
@@ -60,11 +73,7 @@ async def test_every_accepted_message_is_a_row_after_the_bus_closes(
 ) -> None:
     db = tmp_path / "x.db"
     async with sqlite_bus(sim, path=str(db), batch_size=25, flush_interval=0.05) as bus:
-        store = sqlite_store.store_for(bus)
-        assert store is not None
-        watcher = Recorder()
-        await bus.register_component(watcher, SPECS)
-        await watcher.wait_for(lambda: store.accepted >= 300)
+        store, _ = await stored(bus, lambda s: s.accepted >= 300)
     assert sqlite_store.store_for(bus) is None
     stats = store.stats()
     assert stats["lost"] == stats["pending"] == 0
@@ -80,11 +89,7 @@ async def test_shutdown_writes_what_was_still_waiting_for_its_batch(
 ) -> None:
     db = tmp_path / "x.db"
     async with sqlite_bus(sim, path=str(db), batch_size=100_000, flush_interval=3600) as bus:
-        store = sqlite_store.store_for(bus)
-        assert store is not None
-        watcher = Recorder()
-        await bus.register_component(watcher, SPECS)
-        await watcher.wait_for(lambda: store.accepted >= 100)
+        store, _ = await stored(bus, lambda s: s.accepted >= 100)
         assert store.written == 0
     assert store.written == store.accepted == all_rows(db)
 
@@ -92,12 +97,8 @@ async def test_shutdown_writes_what_was_still_waiting_for_its_batch(
 async def test_writes_happen_off_the_event_loop(sim: Simulator, tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     async with sqlite_bus(sim, path=str(db), batch_size=10, flush_interval=0.02) as bus:
-        store = sqlite_store.store_for(bus)
-        assert store is not None
+        store, watcher = await stored(bus, lambda s: s.written >= 20)
         assert store.writer.ident != threading.get_ident()
-        watcher = Recorder()
-        await bus.register_component(watcher, SPECS)
-        await watcher.wait_for(lambda: store.written >= 20)
 
         # Another connection takes the write lock: the writer thread waits for it.
         blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
@@ -121,11 +122,7 @@ async def test_tables_are_typed_and_the_database_is_in_wal_mode(
 ) -> None:
     db = tmp_path / "x.db"
     async with sqlite_bus(sim, path=str(db), flush_interval=0.05) as bus:
-        store = sqlite_store.store_for(bus)
-        assert store is not None
-        watcher = Recorder()
-        await bus.register_component(watcher, SPECS)
-        await watcher.wait_for(lambda: store.accepted >= 30)
+        await stored(bus, lambda s: s.accepted >= 30)
 
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -163,11 +160,7 @@ async def test_tables_are_typed_and_the_database_is_in_wal_mode(
 async def test_summarize_counts_rows_per_table_and_code(sim: Simulator, tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     async with sqlite_bus(sim, path=str(db), flush_interval=0.05) as bus:
-        store = sqlite_store.store_for(bus)
-        assert store is not None
-        watcher = Recorder()
-        await bus.register_component(watcher, SPECS)
-        await watcher.wait_for(lambda: store.accepted >= 60)
+        store, _ = await stored(bus, lambda s: s.accepted >= 60)
 
     summary = summarize(db)
     tables = summary["tables"]
