@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import anyio
 import orjson
 import pytest
+import simbus
 from factories import make_ticker, make_trade
 
 import upbus
@@ -180,15 +180,13 @@ class Counter:
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(SimConfig(rate=400.0)) as simulator:
-        yield simulator
+def sim_config() -> SimConfig:
+    return SimConfig(rate=400.0)  # the shared `sim` fixture runs this
 
 
 def settings_for(sim: Simulator, **extra: Any) -> upbus.Settings:
-    return upbus.Settings(
-        public_url=sim.public_url, private_url=sim.private_url, debounce=0.02, **extra
-    )
+    # The default reconnect back-off, unlike the shared helper's quick one.
+    return simbus.settings_for(sim, debounce=0.02, reconnect={}, **extra)
 
 
 @pytest.mark.anyio

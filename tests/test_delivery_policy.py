@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -26,7 +26,7 @@ from upbus.core.delivery._scheduler import REPORT_INTERVAL, TRACEBACKS
 from upbus.core.delivery._stall_watch import StallWatch
 from upbus.core.subscriptions._specs import Wish
 from upbus.core.wire._messages import Message, MyOrder
-from upbus.sim import Simulator
+from upbus.sim import SimConfig, Simulator
 
 # No simulated market has this code: every message of it is one the test delivers.
 QUIET = "KRW-QUIET"
@@ -160,9 +160,8 @@ def test_auto_never_loses_silently(steps: list[tuple[str, str]], capacity: int) 
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(funded_config(rate=400.0, funds=10_000_000_000)) as simulator:
-        yield simulator
+def sim_config() -> SimConfig:
+    return funded_config(rate=400.0, funds=10_000_000_000)  # the shared `sim` fixture runs this
 
 
 class Slow:
