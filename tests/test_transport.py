@@ -49,12 +49,6 @@ from upbus.core.wire._transport import (
     TransportError,
 )
 
-
-def known_gap(request: pytest.FixtureRequest, reason: str) -> None:
-    """Expect this run to fail, strictly: a fix makes it pass and then fail the suite."""
-    request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
-
-
 # -- connecting --------------------------------------------------------------------------
 
 
@@ -268,11 +262,7 @@ async def test_untrusted_certificate_is_a_transport_error(kind: Kind, certificat
 )
 @each_transport()
 @pytest.mark.anyio
-async def test_unusable_urls_are_transport_errors(
-    kind: Kind, url: str, message: str, request: pytest.FixtureRequest
-) -> None:
-    if kind == "httpx" and url.startswith("https:"):
-        known_gap(request, "the httpx transport tries an https:// URL instead of refusing it")
+async def test_unusable_urls_are_transport_errors(kind: Kind, url: str, message: str) -> None:
     transport = make_transport(kind)
     with pytest.raises(TransportError, match=message):
         await transport.connect(url, {})
@@ -574,7 +564,7 @@ FAULTS = [
 @each_transport()
 @pytest.mark.anyio
 async def test_protocol_violations_close_with_the_right_code(
-    kind: Kind, fault: bytes, code: int, request: pytest.FixtureRequest
+    kind: Kind, fault: bytes, code: int
 ) -> None:
     """A valid message, then one malformed frame in the same write.
 
@@ -582,15 +572,11 @@ async def test_protocol_violations_close_with_the_right_code(
     with the RFC 6455 code, a close frame with that code to the server, the socket
     closed; it never crashes and never hangs.
     """
-    bound = WAIT
-    if kind == "httpx" and request.node.callspec.id.endswith("huge-fragmented-message"):
-        known_gap(request, "httpx checks a fragmented message's size before its last fragment only")
-        bound = 0.5  # it waits for more data instead: fail without the whole wait
     async with (
         raw_server(frame(0x81, b"ok") + fault) as (url, seen),
         aclosing(make_transport(kind, max_message_size=1000)) as transport,
     ):
-        with anyio.fail_after(bound):
+        with anyio.fail_after(WAIT):
             async with aclosing(await transport.connect(url, {})) as conn:
                 received: list[bytes | str] = []
                 with pytest.raises(ConnectionClosed) as caught:

@@ -366,13 +366,15 @@ class WsConnection:
             self._fragments_size = 0
         fragments.append(event.data)
         self._fragments_size += len(event.data)
+        if self._fragments_size > self._max_message_size:
+            # Checked on every fragment, the last one included.
+            self._fragments = None
+            return self._fail_protocol(1009, "a fragmented message is too big")
         if event.message_finished:
             self._fragments = None
             # All str (text) or all bytes (binary): wsproto rejects a continuation
             # that changes the type.
             batch.append(("" if isinstance(event, TextMessage) else b"").join(fragments))
-        elif self._fragments_size > self._max_message_size:
-            return self._fail_protocol(1009, "a fragmented message is too big")
         return b""
 
     def _on_pong(self, payload: bytes) -> None:

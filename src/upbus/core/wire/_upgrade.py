@@ -34,14 +34,14 @@ logger = logging.getLogger("upbus.transport")
 
 # ws:// and wss:// are requested as http:// and https:// so that httpx's proxy
 # settings for those schemes apply.
-_HTTP_SCHEMES = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
+_HTTP_SCHEMES = {"ws": "http", "wss": "https"}
 
 
 def check_url(url: str) -> tuple[str, str]:
     """``(where, http_url)``: ``url`` fit for messages and as httpx requests it.
 
     Raises :class:`TransportError` for a URL that does not parse or is not a
-    WebSocket (or plain HTTP) URL.
+    ``ws://`` or ``wss://`` URL.
     """
     where = safe_url(url)
     scheme = url.partition(":")[0].lower()
