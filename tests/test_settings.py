@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from upbus.settings import (
     explain_settings,
     load_settings,
 )
+from upbus.settings.sources import NOT_SETTINGS
 
 SECRET = "sk-VERY-SECRET-0123456789"
 
@@ -352,6 +354,76 @@ def test_one_error_lists_every_problem(tmp_path: Path, monkeypatch: pytest.Monke
         "invalid setting reconnect.maximum",
     ]
     assert "must be at least backoff_initial (5.0)" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "closest"),
+    [
+        ("UPBUS_DEBOUNSE", "UPBUS_DEBOUNCE"),
+        ("UPBUS_HEARTBEAT__INTERVAL", "UPBUS_HEARTBEAT_INTERVAL"),
+        ("UPBUS_RATE_LIMIT__MAXWAIT", "UPBUS_RATE_LIMIT__MAX_WAIT"),
+        ("UPBUS_RECONECT__INITIAL", "UPBUS_RECONNECT__INITIAL"),
+        ("upbus_debounse", "UPBUS_DEBOUNCE"),
+    ],
+)
+def test_misspelt_environment_variable_names_the_closest_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, closest: str
+) -> None:
+    monkeypatch.setenv(name, "3")
+    message = config_error(_cwd=tmp_path)
+    assert message == f"{name} is not a setting; did you mean {closest}?"
+
+
+def test_environment_variable_with_no_close_setting_is_still_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UPBUS_ZQXJ", SECRET)
+    message = config_error(_cwd=tmp_path)
+    assert message.startswith("UPBUS_ZQXJ is not a setting;")
+    assert "did you mean" not in message
+    assert "\n" not in message
+    assert SECRET not in message
+
+
+def test_every_unknown_environment_variable_is_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UPBUS_DEBOUNSE", "3")
+    monkeypatch.setenv("UPBUS_HEARTBEAT__INTERVAL", "abc")
+    lines = config_error(_cwd=tmp_path).splitlines()
+    assert [line.split()[0] for line in lines] == ["UPBUS_DEBOUNSE", "UPBUS_HEARTBEAT__INTERVAL"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *sorted(NOT_SETTINGS),
+        "UPBUS_PLUGINS__SQLITE__PATH",
+        "UPBUS_PLUGINS__NOT_INSTALLED__ANYTHING",
+        "UPBUS_PLUGINS__TAPE",
+        "UPBUS_RATE_LIMIT",
+        "UPBUS_RATE_LIMIT__MESSAGES_PER_MINUTE",
+        "upbus_heartbeat_interval",
+    ],
+)
+def test_names_that_are_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    value = {"UPBUS_CONFIG": "upbus.toml", "UPBUS_PLUGINS__TAPE": '{"depth": 5}'}
+    value["UPBUS_RATE_LIMIT"] = '{"max_wait": 30}'
+    write(tmp_path / "upbus.toml", "")
+    monkeypatch.setenv(name, value.get(name, "7"))
+    load_settings(_cwd=tmp_path)
+
+
+def test_every_upbus_variable_the_tests_read_is_let_through() -> None:
+    tests = Path(__file__).parent
+    read = set()
+    for path in tests.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        read |= set(re.findall(r"environ\.get\(\s*\"(UPBUS_[A-Z_]+)\"", text))
+    assert read, "no UPBUS_ variable found: the pattern is out of date"
+    assert read <= NOT_SETTINGS | {"UPBUS_CONFIG"}
 
 
 def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from upbus.core._errors import ConfigError
 from upbus.settings.sources import (
     Layer,
     build_sources,
+    check_env_names,
     describe_errors,
     display,
     dotted,
@@ -312,8 +313,10 @@ def load_settings(*, _cwd: str | os.PathLike[str] | None = None, **overrides: An
     Raises:
         ConfigError: one error listing every bad setting with its source, for an
             invalid value, an unknown key, an unreadable TOML file or a missing
-            ``UPBUS_CONFIG`` file.
+            ``UPBUS_CONFIG`` file; or one listing every ``UPBUS_…`` environment
+            variable that names no setting, with the closest valid name.
     """
+    check_env_names(Settings, os.environ)
     cwd = Path.cwd() if _cwd is None else Path(_cwd)
     init = InitSettingsSource(Settings, init_kwargs=overrides)
     sources = build_sources(Settings, init, EnvSettingsSource(Settings), cwd)

@@ -8,6 +8,7 @@ masked here too, so every message goes through one place.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -29,13 +30,16 @@ from upbus.core._errors import ConfigError
 
 __all__ = (
     "CONFIG_ENV",
+    "ENV_PREFIX",
     "MASK",
+    "NOT_SETTINGS",
     "PYPROJECT_LABEL",
     "EnvLayer",
     "Layer",
     "Loc",
     "Recorded",
     "build_sources",
+    "check_env_names",
     "describe_errors",
     "display",
     "dotted",
@@ -45,6 +49,13 @@ __all__ = (
 )
 
 CONFIG_ENV = "UPBUS_CONFIG"
+ENV_PREFIX = "UPBUS_"
+# ``UPBUS_…`` variables that are read by design but are not settings, so the
+# unknown-name check lets them through: the config file path, and the test
+# suite's switches (require the external services; where the Upbit samples live).
+NOT_SETTINGS = frozenset({CONFIG_ENV, "UPBUS_REQUIRE_SERVICES", "UPBUS_SAMPLES"})
+# Below this difflib ratio a valid name is not offered as "did you mean".
+_CLOSE_ENOUGH = 0.6
 USER_FILE = "upbus.toml"
 PYPROJECT_LABEL = "pyproject.toml [tool.upbus]"
 MASK = "**********"
@@ -139,6 +150,50 @@ def build_sources(
         Recorded(InitSettingsSource(settings_cls, _read_toml(user_file, ())), str(user_file)),
         Recorded(InitSettingsSource(settings_cls, pyproject), PYPROJECT_LABEL),
     )
+
+
+def check_env_names(model: type[BaseModel], environ: Mapping[str, str]) -> None:
+    """Refuse ``UPBUS_…`` variables that name no setting of ``model``.
+
+    Names match case-insensitively, as pydantic-settings reads them. A nested model
+    accepts its own ``A`` (a JSON object) and ``A__B`` for each of its fields; a
+    dict field (``plugins``) accepts any ``A__…``, since each plugin validates its
+    own section. :data:`NOT_SETTINGS` are let through.
+
+    Raises:
+        ConfigError: one line per unknown variable, with the closest valid name
+            when one is close enough.
+    """
+    valid, open_prefixes = _env_names(model, ENV_PREFIX)
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS or upper in valid:
+            continue
+        if any(upper.startswith(prefix) for prefix in open_prefixes):
+            continue
+        close = difflib.get_close_matches(upper, sorted(valid), n=1, cutoff=_CLOSE_ENOUGH)
+        hint = f"did you mean {close[0]}?" if close else "upbus config lists every setting"
+        lines.append(f"{name} is not a setting; {hint}")
+    if lines:
+        raise ConfigError("\n".join(lines))
+
+
+def _env_names(model: type[BaseModel], prefix: str) -> tuple[set[str], list[str]]:
+    """Every valid variable name under ``prefix``, and the prefixes open to any suffix."""
+    valid: set[str] = set()
+    open_prefixes: list[str] = []
+    for field_name, info in model.model_fields.items():
+        name = prefix + field_name.upper()
+        valid.add(name)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested, nested_open = _env_names(annotation, name + "__")
+            valid |= nested
+            open_prefixes += nested_open
+        elif (get_origin(annotation) or annotation) is dict:
+            open_prefixes.append(name + "__")
+    return valid, open_prefixes
 
 
 def _user_file(cwd: Path) -> Path:
