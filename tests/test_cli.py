@@ -119,3 +119,20 @@ def test_demo_runs_and_reports_one_request(tmp_path: Path) -> None:
     assert "chart | ticker" in result.stdout
     assert "book  | orderbook KRW-BTC" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "3 components shared 3 entries in 1 request(s)"
+
+
+def test_the_command_alone_shows_its_help_and_succeeds() -> None:
+    result = run_upbus()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: ")
+    assert "Commands:" in result.stdout
+    assert result.stdout == run_upbus("--help").stdout
+
+
+@pytest.mark.parametrize("command", ["", "run", "watch", "replay", "db", "demo", "config"])
+def test_help_texts_show_no_markup(command: str) -> None:
+    result = run_upbus(*([command] if command else []), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "`" not in result.stdout
+    listed = result.stdout.partition("Commands:")[2].splitlines()
+    assert not [line for line in listed if line.endswith("...")]  # each summary fits its line

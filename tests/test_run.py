@@ -96,6 +96,54 @@ def test_replay_prints_the_recording_in_order(recording: Path) -> None:
     assert [(m["type"], m["code"], m["timestamp"]) for m in printed] == [
         (m["type"], m["code"], m["timestamp"]) for m in recorded
     ]
+    # Nothing connects during a replay: no connection event is shown as if it did.
+    assert "connected" not in result.stderr
+
+
+def test_the_status_line_tells_failing_connects_and_their_last_error(tmp_path: Path) -> None:
+    refused = "ws://127.0.0.1:9/websocket/v1"  # the discard port: nothing listens
+    result = run_upbus(
+        "run", "--url", refused, "--seconds", "2", "--status-every", "0.3", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    status = [line for line in result.stderr.splitlines() if line.startswith("public: ")]
+    assert status, result.stderr
+    assert "waiting for subscriptions" not in result.stderr
+    failing = re.search(r"(\d+) failed connects \(last: (.+)\)$", status[-1])
+    assert failing is not None, status[-1]
+    assert int(failing.group(1)) >= 1
+    assert "cannot connect" in failing.group(2)
+    assert re.match(r"public: (connecting|backing off), 0 messages", status[-1])
+
+
+def test_run_reports_the_json_lines_recorder_without_the_store(tmp_path: Path) -> None:
+    env = {"UPBUS_PLUGINS__JSONL__ENABLED": "true"}
+    result = run_upbus("run", "--sim", "--no-store", "--seconds", "1.5", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    first, *_, last = result.stdout.splitlines()
+    assert "recording into upbus.jsonl;" in first
+    assert "not recording" not in result.stdout
+    stored = re.fullmatch(r"stored (\d+) of (\d+) accepted messages in upbus.jsonl", last)
+    assert stored is not None, result.stdout
+    lines = (tmp_path / "upbus.jsonl").read_bytes().splitlines()
+    assert int(stored.group(1)) == int(stored.group(2)) == len(lines) > 0
+    assert not (tmp_path / "upbus.db").exists()
+
+
+def test_run_reports_each_enabled_recorder(tmp_path: Path) -> None:
+    env = {"UPBUS_PLUGINS__JSONL__ENABLED": "true"}
+    result = run_upbus("run", "--sim", "--seconds", "1.5", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "recording into upbus.db and upbus.jsonl;" in result.stdout
+    counts = dict(
+        (where, (int(n), int(m)))
+        for n, m, where in re.findall(
+            r"stored (\d+) of (\d+) accepted messages in (\S+)", result.stdout
+        )
+    )
+    assert counts["upbus.db"] == (rows(tmp_path / "upbus.db"),) * 2
+    lines = len((tmp_path / "upbus.jsonl").read_bytes().splitlines())
+    assert counts["upbus.jsonl"] == (lines, lines)
 
 
 def test_replay_does_not_record_itself_into_the_store_it_replays(recording: Path) -> None:

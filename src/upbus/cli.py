@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
@@ -28,6 +28,10 @@ from upbus.core.subscriptions._specs import CANDLE_UNITS, Spec, parse_specs
 from upbus.core.wire._codec import to_default_dict
 from upbus.core.wire._messages import Message, Orderbook, Ticker, Trade
 from upbus.settings import Settings, explain_settings, load_settings
+
+if TYPE_CHECKING:
+    from upbus.plugins.jsonl_recorder import JsonlRecorder
+    from upbus.plugins.sqlite_store import SqliteStore
 
 __all__ = ("main",)
 
@@ -94,12 +98,19 @@ def _settings(**overrides: Any) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-@click.group()
+@click.group(invoke_without_command=True)
 @click.version_option(upbus.__version__, prog_name="upbus")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.pass_context
 def main(ctx: click.Context, verbose: int) -> None:
-    """upbus: one merged, rate-limited set of Upbit subscriptions for many components."""
+    """One merged, rate-limited set of Upbit subscriptions for many components.
+
+    Run a command with --help for its options.
+    """
+    if ctx.invoked_subcommand is None:
+        # Alone, the command shows what it can do: that is not an error.
+        click.echo(ctx.get_help())
+        ctx.exit(0)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = {"verbose": verbose}
@@ -118,7 +129,7 @@ def _quiet_unless_verbose() -> None:
 )
 @click.pass_context
 def sim(ctx: click.Context) -> None:
-    """Run the local Upbit simulator (``upbus sim --help`` for its options)."""
+    """Run the local Upbit simulator (its options: upbus sim --help)."""
     from upbus.sim import run_cli
 
     sys.exit(run_cli(ctx.args))
@@ -126,7 +137,11 @@ def sim(ctx: click.Context) -> None:
 
 @main.command()
 def config() -> None:
-    """Show the effective settings and where each value came from (secrets masked)."""
+    """Show the effective settings and their sources.
+
+    Each setting is shown with its value and where the value came from; secrets are
+    masked.
+    """
     settings = _settings()
     rows = explain_settings(settings)
     width = max(len(name) for name, _value, _source in rows)
@@ -136,7 +151,10 @@ def config() -> None:
 
 @main.command()
 def plugins() -> None:
-    """List every discovered plugin with its distribution, hooks and state."""
+    """List the discovered plugins and their state.
+
+    Each plugin is shown with its state, distribution, module and hooks.
+    """
     manager = PluginManager.load(_settings())
     for info in manager.report():
         where = f"{info.distribution} {info.version}" if info.distribution else "-"
@@ -176,7 +194,11 @@ def _watch_specs(kind: str, codes: tuple[str, ...]) -> list[Spec]:
 def watch(
     kind: str, codes: tuple[str, ...], url: str | None, count: int | None, fmt: str, attempts: int
 ) -> None:
-    """Print live messages of TYPE for CODES (json: one DEFAULT-named object per line)."""
+    """Print live messages of TYPE for CODES.
+
+    With --format json, each message is one object per line with the exchange's
+    DEFAULT field names.
+    """
     _quiet_unless_verbose()
     specs = _watch_specs(kind, codes)
     settings = _settings(public_url=url)
@@ -201,7 +223,10 @@ def watch(
 )
 @click.option("--rate", type=float, default=20.0, show_default=True, help="Simulator messages/s.")
 def demo(seconds: float | None, rate: float) -> None:
-    """Start the simulator in-process and watch a few components share one subscription."""
+    """Watch a few components share one subscription.
+
+    The simulator runs in the same process.
+    """
     from upbus.sim import SimConfig, Simulator
 
     async def body() -> None:
@@ -260,18 +285,19 @@ def run(
     seconds: float | None,
     status_every: float,
 ) -> None:
-    """The main job: the configured plugins on a bus, until SIGINT or SIGTERM.
+    """The main job: the configured plugins on a bus, until stopped.
 
-    SQLite storage is on unless --no-store; everything it accepted is written
-    before the command exits, on a signal too.
+    SIGINT or SIGTERM stops it. SQLite storage is on unless --no-store; every
+    enabled recorder (SQLite, JSON Lines) writes everything it accepted before the
+    command exits, on a signal too.
     """
+    from upbus.plugins.jsonl_recorder import recorder_for
     from upbus.plugins.sqlite_store import store_for
 
     base = _settings(public_url=url)
 
     async def body() -> None:
-        stores: list[Any] = []
-        path = "-"
+        recorders: list[SqliteStore | JsonlRecorder] = []
         try:
             async with AsyncExitStack() as stack:
                 settings = base
@@ -286,7 +312,6 @@ def run(
                         }
                     )
                 settings = _with_store(settings, db, enabled=not no_store)
-                path = settings.plugins["sqlite"]["path"]
                 bus = await stack.enter_async_context(Bus(settings))
                 store = store_for(bus)
                 if store is None and not no_store:
@@ -294,20 +319,25 @@ def run(
                         "the SQLite store did not start (see the error above); "
                         "fix plugins.sqlite or run with --no-store"
                     )
-                if store is not None:
-                    stores.append(store)
-                where = f"recording into {path}" if store else "not recording"
+                # Every recorder that runs on this bus: the store and the JSON Lines file.
+                recorders.extend(r for r in (store, recorder_for(bus)) if r is not None)
+                where = (
+                    "recording into " + " and ".join(str(r.path) for r in recorders)
+                    if recorders
+                    else "not recording"
+                )
                 click.echo(f"upbus running against {settings.public_url}, {where}; Ctrl-C stops")
                 with anyio.move_on_after(seconds if seconds is not None else math.inf):
                     while True:
                         await anyio.sleep(status_every)
                         click.echo(_status_line(bus), err=True)
         finally:
-            # The bus flushed the store as it closed (on a signal too); report it.
-            for store in stores:
-                stats = store.stats()
+            # The bus flushed the recorders as it closed (on a signal too); report each.
+            for recorder in recorders:
+                stats = recorder.stats()
                 click.echo(
-                    f"stored {stats['written']} of {stats['accepted']} accepted messages in {path}"
+                    f"stored {stats['written']} of {stats['accepted']} accepted messages "
+                    f"in {recorder.path}"
                 )
 
     _run(body)
@@ -322,14 +352,33 @@ def _with_store(settings: Settings, path: Path | None, *, enabled: bool) -> Sett
     return settings.model_copy(update={"plugins": {**settings.plugins, "sqlite": section}})
 
 
+_DOING = {
+    "connecting": "connecting",
+    "backoff": "backing off",
+    "gap": "disconnected",
+    "reconnected": "connected",
+    "closed": "closed",
+}
+
+
 def _status_line(bus: Bus) -> str:
-    metrics = bus.get_connection_metrics()
+    """What each channel is doing; channels that never tried to connect are left out."""
     parts = [
-        f"{channel}: {m['state']}, {m['messages_in']} messages, {m['reconnects']} reconnects"
-        for channel, m in metrics.items()
-        if m["connects"]
+        _channel_status(channel, m)
+        for channel, m in bus.get_connection_metrics().items()
+        if m["state"] != "idle" or m["connects"] or m["connect_failures"]
     ]
     return "; ".join(parts) or "waiting for subscriptions"
+
+
+def _channel_status(channel: str, m: dict[str, Any]) -> str:
+    line = (
+        f"{channel}: {_DOING.get(m['state'], m['state'])}, "
+        f"{m['messages_in']} messages, {m['reconnects']} reconnects"
+    )
+    if m["state"] not in ("connected", "reconnected") and m["connect_failures"]:
+        line += f", {m['connect_failures']} failed connects (last: {m['last_error']})"
+    return line
 
 
 @main.command()
@@ -343,7 +392,10 @@ def _status_line(bus: Bus) -> str:
 @click.option("--count", type=click.IntRange(min=1), help="Stop after this many messages.")
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table")
 def replay(path: Path, speed: str, count: int | None, fmt: str) -> None:
-    """Feed a recording (JSON Lines or SQLite) back through the bus and print it."""
+    """Feed a recording back through the bus and print it.
+
+    The recording is a JSON Lines file or an SQLite store.
+    """
     _quiet_unless_verbose()
     pace = _speed(speed)
     specs, total = _recording_specs(path)
@@ -368,7 +420,9 @@ def replay(path: Path, speed: str, count: int | None, fmt: str) -> None:
     )
 
     async def body() -> None:
-        printer = _Printer(fmt, limit)
+        # The replay transport only pretends to connect: its connection events say
+        # nothing true about a connection, so they are not printed.
+        printer = _Printer(fmt, limit, connection_events=False)
         async with Bus(settings) as bus:
             subscriber = await bus.register_component(printer, specs, overflow="block")
             async for item in subscriber:
@@ -417,7 +471,10 @@ def _recording_specs(path: Path) -> tuple[list[Spec], int]:
     "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default="upbus.db"
 )
 def db(path: Path) -> None:
-    """Summarise what an SQLite store holds: rows per table and code, first and last times."""
+    """Summarise what an SQLite store holds.
+
+    Rows per table and code, and the first and last exchange times.
+    """
     from upbus.plugins.sqlite_store import summarize
 
     try:
@@ -445,8 +502,16 @@ def _ms(value: int | None) -> str:
 class _Printer:
     """A component that prints what it receives."""
 
-    def __init__(self, fmt: str, count: int | None = None, label: str = "") -> None:
+    def __init__(
+        self,
+        fmt: str,
+        count: int | None = None,
+        label: str = "",
+        *,
+        connection_events: bool = True,
+    ) -> None:
         self.fmt = fmt
+        self.connection_events = connection_events
         self.left = count
         self.prefix = f"{label:<6}| " if label else ""
 
@@ -457,6 +522,8 @@ class _Printer:
     def show(self, item: Message | BusEvent) -> bool:
         """Print ``item``; return whether the count is reached."""
         if isinstance(item, ConnectionEvent):
+            if not self.connection_events:
+                return False
             click.echo(f"-- {item.channel} {item.state}: {item.detail}", err=True)
             return False
         if isinstance(item, BusEvent):
