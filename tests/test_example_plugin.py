@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shlex
 import tomllib
 from pathlib import Path
 
 import anyio
 import pytest
+from clirun import run_upbus
 
 import upbus
 from upbus import PluginManager
@@ -74,3 +78,31 @@ async def test_the_example_runs_through_the_bus(caplog: pytest.LogCaptureFixture
                     await anyio.sleep(0.02)
             assert '"KRW-BTC.1"' in sim.requests[0].raw  # depth 1 asked on the wire
         assert bus.plugins.failures == {}
+
+
+def test_the_readme_run_shows_warnings_against_the_simulator(tmp_path: Path) -> None:
+    """The README's `upbus run` line, as a user runs it: its threshold is crossed in the run."""
+    readme = (EXAMPLE / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("$ ") and " upbus run " in ln]
+    words = shlex.split(line[2:])
+    start = words.index("upbus")
+    assignments, args = words[:start], words[start + 1 :]
+    assert all("=" in word for word in assignments)
+    assert args[0] == "run"
+    assert "--seconds" in args  # bounded as written
+    info = tmp_path / "upbus_spread_monitor-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: upbus-spread-monitor\nVersion: 0.1.0\n"
+    )
+    (info / "entry_points.txt").write_text("[upbus]\nspread_monitor = upbus_spread_monitor\n")
+    env = dict(a.split("=", 1) for a in assignments)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(EXAMPLE / "src")])
+    result = run_upbus(*args, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warnings = re.findall(
+        r"^WARNING upbus_spread_monitor: (\S+) spread ([\d.]+) bps$", result.stderr, re.M
+    )
+    assert warnings, result.stderr
+    threshold = float(env["UPBUS_PLUGINS__SPREAD_MONITOR__MAX_SPREAD_BPS"])
+    assert all(float(bps) > threshold for _code, bps in warnings)
