@@ -591,7 +591,6 @@ class HttpxWsTransport:
         max_message_size: int = MAX_MESSAGE_SIZE,
         max_pending: int = MAX_PENDING,
     ) -> None:
-        self._client = client
         self._max_message_size = max_message_size
         self._max_pending = max_pending
         self._owns_client = client is None
@@ -599,17 +598,24 @@ class HttpxWsTransport:
         self._close_timeout = close_timeout
         self._read_size = read_size
         self._closed = False
+        # Made now, not on the first connect: building it (its TLS context above
+        # all) takes tens of milliseconds, and on the first connect that time would
+        # fall between the connect limiter's grant and the server seeing the
+        # connect, squeezing the first connects closer together on the server's
+        # clock than the limiter spaced them.
+        self._client = client if client is not None else self._new_client()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=self._handshake_timeout,
+            # Upgraded connections never return to the pool: keep none idle and
+            # cap none, so many connections never wait on a pool slot.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+        )
 
     def _get_client(self) -> httpx.AsyncClient:
         if self._closed:
             raise TransportError("the transport is closed")
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=self._handshake_timeout,
-                # Upgraded connections never return to the pool: keep none idle and
-                # cap none, so many connections never wait on a pool slot.
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
-            )
         return self._client
 
     async def connect(self, url: str, headers: Mapping[str, str]) -> WsConnection:
