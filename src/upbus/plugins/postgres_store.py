@@ -1,0 +1,444 @@
+"""PostgreSQL storage (plugin ``postgres``), beside the embedded SQLite store.
+
+Needs the ``postgres`` extra (psycopg 3). Enabled by settings; with
+``plugins.postgres.enabled`` false it contributes nothing::
+
+    [plugins.postgres]
+    enabled = true
+    dsn = "postgresql://postgres@127.0.0.1:5432/test"
+    schema = "upbus"                 # created if missing, with its tables
+    specs = [{type = "ticker", codes = ["KRW-BTC", "KRW-ETH"]}]
+    batch_size = 500                 # messages per COPY and transaction, at most
+    flush_interval = 1.0
+    max_pending = 10000
+    write_retries = 8                # reconnects for one batch before it is lost
+
+Each message type has a typed table in ``schema`` (``tickers``, ``trades``,
+``orderbooks``, ``candles``, ``my_orders``, ``my_assets``) whose columns are the
+message's DEFAULT field names after ``id`` (one sequence across all tables, in order
+of arrival) and ``received_at``. Prices and volumes are ``numeric`` (a float is
+stored by its shortest decimal form, the digits the exchange sent), times
+(``timestamp``, ``trade_timestamp``, ``order_timestamp``, ``asset_timestamp``,
+``received_at``) are ``timestamptz``, other integers ``bigint``, booleans
+``boolean``, nested values ``jsonb``. Every table with a ``code`` has an index on
+``(code, timestamp)``.
+
+Rows are written with text-format ``COPY``, one transaction per batch, by the
+writer thread of :class:`~upbus.plugins.recording.BatchRecorder`, with its
+guarantees: accepted == written + lost once closed. When a batch fails because the
+connection is lost (a server restart, a terminated backend), the writer reconnects
+and writes the same batch again, up to ``write_retries`` times with a doubling
+back-off; if the failure came after the server committed, the rows are found by
+their ids and not written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import msgspec.inspect as mi
+import orjson
+from pydantic import Field, SecretStr
+
+from upbus.core.wire._messages import CANDLE_TYPES
+from upbus.plugin import Candle, Message, MyAsset, MyOrder, Orderbook, Ticker, Trade, hookimpl
+from upbus.plugins.recording import BatchRecorder, Item, RecorderSettings
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from upbus import Bus
+
+__all__ = (
+    "DEFAULT_DSN",
+    "PostgresSettings",
+    "PostgresStore",
+    "PostgresUnreachable",
+    "store_for",
+    "summarize",
+)
+
+log = logging.getLogger("upbus.plugins.postgres")
+
+NAME = "postgres"
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+#: Seconds a connection attempt may take.
+CONNECT_TIMEOUT = 5
+_TIME_FIELDS = frozenset({"timestamp", "trade_timestamp", "order_timestamp", "asset_timestamp"})
+
+
+class PostgresSettings(RecorderSettings):
+    """The ``plugins.postgres`` section."""
+
+    dsn: SecretStr = Field(
+        default=SecretStr(DEFAULT_DSN),
+        description="libpq connection string or URL; may hold a password, never logged.",
+    )
+    db_schema: str = Field(
+        default="upbus", alias="schema", min_length=1, description="The schema of the tables."
+    )
+    write_retries: int = Field(
+        default=8, ge=0, description="Reconnects for one failed batch before it is lost."
+    )
+
+
+class PostgresUnreachable(ConnectionError):
+    """The server could not be reached; the message names host and port, never a password."""
+
+
+def where(dsn: str) -> str:
+    """``host:port/dbname`` of ``dsn``, without credentials."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(dsn)
+    except Exception:
+        return "(unparsable dsn)"
+    host = info.get("host") or "localhost"
+    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
+
+
+def connect(dsn: str) -> psycopg.Connection[Any]:
+    """A connection to ``dsn``, or :class:`PostgresUnreachable` naming host and port."""
+    import psycopg
+
+    try:
+        return psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT, autocommit=True)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason.rsplit(" failed: ", 1)[-1]
+        raise PostgresUnreachable(
+            f"cannot connect to PostgreSQL at {where(dsn)}: {reason}"
+        ) from None
+
+
+# -- tables ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    name: str
+    sql_type: str
+    kind: str  # "plain", "time" (ms → timestamptz) or "json"
+    required: bool
+
+
+def _column(field: mi.Field) -> _Column:
+    kind = field.type
+    if isinstance(kind, mi.UnionType):
+        rest = [t for t in kind.types if not isinstance(t, mi.NoneType)]
+        kind = rest[0] if len(rest) == 1 else kind
+    if isinstance(kind, mi.IntType) and field.name in _TIME_FIELDS:
+        return _Column(field.name, "timestamptz", "time", field.required)
+    if isinstance(kind, mi.FloatType):
+        return _Column(field.name, "numeric", "plain", field.required)
+    if isinstance(kind, mi.BoolType):
+        return _Column(field.name, "boolean", "plain", field.required)
+    if isinstance(kind, mi.IntType):
+        return _Column(field.name, "bigint", "plain", field.required)
+    if isinstance(kind, mi.StrType | mi.LiteralType):
+        return _Column(field.name, "text", "plain", field.required)
+    return _Column(field.name, "jsonb", "json", field.required)
+
+
+def _ms(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, UTC)
+
+
+class _Table:
+    """One message class's table, with the columns derived from the class's fields."""
+
+    def __init__(
+        self,
+        name: str,
+        cls: type[Message],
+        types: tuple[str, ...],
+        *,
+        omit: frozenset[str] = frozenset({"type"}),
+        indexes: tuple[tuple[str, ...], ...] = (("code", "timestamp"),),
+    ) -> None:
+        info = mi.type_info(cls)
+        assert isinstance(info, mi.StructType)
+        self.name = name
+        self.types = types
+        self.columns = tuple(_column(f) for f in info.fields if f.name not in omit)
+        self.indexes = indexes
+        fields = cls.__struct_fields__
+        self._plan = [(fields.index(c.name), c.kind) for c in self.columns]
+
+    def statements(self, schema: str) -> list[str]:
+        table = f'"{schema}"."{self.name}"'
+        columns = ", ".join(
+            f'"{c.name}" {c.sql_type}' + (" NOT NULL" if c.required else "") for c in self.columns
+        )
+        out = [
+            f"CREATE TABLE IF NOT EXISTS {table} "
+            f"(id bigint PRIMARY KEY, received_at timestamptz NOT NULL, {columns})"
+        ]
+        # Columns that newer message classes have.
+        out += [
+            f'ALTER TABLE {table} ADD COLUMN IF NOT EXISTS "{c.name}" {c.sql_type}'
+            for c in self.columns
+        ]
+        for index in self.indexes:
+            name = f"{self.name}_{'_'.join(index)}"
+            out.append(
+                f'CREATE INDEX IF NOT EXISTS "{name}" ON {table} '
+                f"({', '.join(f'{chr(34)}{c}{chr(34)}' for c in index)})"
+            )
+        return out
+
+    def copy_sql(self, schema: str) -> str:
+        names = ", ".join(f'"{c.name}"' for c in self.columns)
+        return f'COPY "{schema}"."{self.name}" (id, received_at, {names}) FROM STDIN'
+
+    def row(self, ident: int, received_at: float, message: Message) -> list[object]:
+        values = msgspec.structs.astuple(message)
+        out: list[object] = [ident, datetime.fromtimestamp(received_at, UTC)]
+        for position, kind in self._plan:
+            value = values[position]
+            if value is not None and kind != "plain":
+                if kind == "time":
+                    value = _ms(value)
+                else:
+                    value = orjson.dumps(msgspec.to_builtins(value)).decode()
+            out.append(value)
+        return out
+
+
+TABLES: tuple[_Table, ...] = (
+    _Table("tickers", Ticker, ("ticker",)),
+    _Table("trades", Trade, ("trade",)),
+    _Table("orderbooks", Orderbook, ("orderbook",)),
+    _Table(
+        "candles", Candle, CANDLE_TYPES, omit=frozenset(), indexes=(("code", "type", "timestamp"),)
+    ),
+    _Table("my_orders", MyOrder, ("myOrder",), indexes=(("code", "timestamp"), ("uuid",))),
+    _Table(
+        "my_assets",
+        MyAsset,
+        ("myAsset",),
+        omit=frozenset({"type", "code"}),
+        indexes=(("timestamp",),),
+    ),
+)
+_BY_TYPE = {kind: table for table in TABLES for kind in table.types}
+
+
+def create_schema(connection: psycopg.Connection[Any], schema: str) -> None:
+    """Create the schema, its tables and indexes; add columns newer message classes have."""
+    with connection.transaction():
+        # Concurrent CREATE ... IF NOT EXISTS can still collide; one creator at a time.
+        connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"upbus {schema}",))
+        connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'.encode())
+        for table in TABLES:
+            for statement in table.statements(schema):
+                connection.execute(statement.encode())
+
+
+def _check_schema_name(schema: str) -> str:
+    if '"' in schema or "\x00" in schema:
+        raise ValueError(f"schema name {schema!r} may not contain a double quote")
+    return schema
+
+
+class _PostgresSink:
+    """The writer thread's connection; reopened when it is lost."""
+
+    def __init__(self, dsn: str, schema: str, retries: int) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._retries = retries
+        self._db: psycopg.Connection[Any] | None = connect(dsn)
+        try:
+            create_schema(self._db, schema)
+            self._next_id = self._max_id(self._db) + 1
+        except BaseException:
+            self._db.close()
+            raise
+        self.reconnects = 0
+
+    def _max_id(self, db: psycopg.Connection[Any]) -> int:
+        parts = " UNION ALL ".join(
+            f'SELECT max(id) FROM "{self._schema}"."{t.name}"' for t in TABLES
+        )
+        row = db.execute(f"SELECT max(m) FROM ({parts}) AS ids(m)".encode()).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def write(self, items: list[Item]) -> None:
+        import psycopg
+
+        rows: dict[_Table, list[list[object]]] = {}
+        ident = self._next_id
+        for received_at, message in items:
+            table = _BY_TYPE[message.type]
+            rows.setdefault(table, []).append(table.row(ident, received_at, message))
+            ident += 1
+        self._next_id = ident
+        delay = 0.1
+        for attempt in range(self._retries + 1):
+            try:
+                if self._db is None or self._db.closed:
+                    self._db = connect(self._dsn)
+                    self.reconnects += 1
+                    log.warning("postgres %s: reconnected", where(self._dsn))
+                if attempt and self._committed(self._db, rows):
+                    return  # the lost acknowledgement was of a commit
+                self._copy(self._db, rows)
+                return
+            except (psycopg.OperationalError, PostgresUnreachable) as exc:
+                if attempt == self._retries:
+                    raise
+                log.warning(
+                    "postgres %s: writing %d rows failed (%s); retrying in %.1f s",
+                    where(self._dsn),
+                    len(items),
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    delay,
+                )
+                if self._db is not None:
+                    self._db.close()
+                self._db = None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _copy(self, db: psycopg.Connection[Any], rows: dict[_Table, list[list[object]]]) -> None:
+        with db.transaction(), db.cursor() as cursor:
+            for table, table_rows in rows.items():
+                with cursor.copy(table.copy_sql(self._schema).encode()) as copy:
+                    for row in table_rows:
+                        copy.write_row(row)
+
+    def _committed(
+        self, db: psycopg.Connection[Any], rows: dict[_Table, list[list[object]]]
+    ) -> bool:
+        table, table_rows = next(iter(rows.items()))
+        found = db.execute(
+            f'SELECT 1 FROM "{self._schema}"."{table.name}" WHERE id = %s'.encode(),
+            (table_rows[0][0],),
+        ).fetchone()
+        return found is not None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+class PostgresStore(BatchRecorder):
+    """Records messages into PostgreSQL (see the module docstring)."""
+
+    def __init__(
+        self,
+        dsn: str = DEFAULT_DSN,
+        *,
+        schema: str = "upbus",
+        write_retries: int = 8,
+        batch_size: int = 500,
+        flush_interval: float = 1.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        self.schema = _check_schema_name(schema)
+        self.path = f"postgresql {where(dsn)} schema {schema}"
+        super().__init__(
+            self.path,
+            lambda: _PostgresSink(dsn, self.schema, write_retries),
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            max_pending=max_pending,
+        )
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def summarize(dsn: str, schema: str = "upbus") -> dict[str, Any]:
+    """Rows per table and per code, with first/last exchange ``timestamp`` in Unix ms;
+    the same shape as :func:`upbus.plugins.sqlite_store.summarize`."""
+    _check_schema_name(schema)
+    db = connect(dsn)
+    try:
+        present = {
+            row[0]
+            for row in db.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (schema,),
+            )
+        }
+        tables: dict[str, Any] = {}
+        for table in TABLES:
+            if table.name not in present:
+                continue
+            name = f'"{schema}"."{table.name}"'
+            row = db.execute(
+                f"SELECT count(*), extract(epoch FROM min(received_at)), "
+                f"extract(epoch FROM max(received_at)) FROM {name}".encode()
+            ).fetchone()
+            assert row is not None
+            codes: dict[str, Any] = {}
+            if any(c.name == "code" for c in table.columns):
+                for code, count, low, high in db.execute(
+                    f"SELECT code, count(*), (extract(epoch FROM min(timestamp)) * 1000)::bigint, "
+                    f"(extract(epoch FROM max(timestamp)) * 1000)::bigint FROM {name} "
+                    "GROUP BY code ORDER BY code".encode()
+                ):
+                    codes[code] = {"rows": count, "first_timestamp": low, "last_timestamp": high}
+            tables[table.name] = {
+                "rows": row[0],
+                "first_received_at": None if row[1] is None else float(row[1]),
+                "last_received_at": None if row[2] is None else float(row[2]),
+                "codes": codes,
+            }
+        return {"path": f"{where(dsn)} schema {schema}", "tables": tables}
+    finally:
+        db.close()
+
+
+# -- the plugin --------------------------------------------------------------------------
+
+_running: weakref.WeakKeyDictionary[Bus, PostgresStore] = weakref.WeakKeyDictionary()
+
+
+def store_for(bus: Bus) -> PostgresStore | None:
+    """The store this plugin runs for ``bus``, while it runs."""
+    return _running.get(bus)
+
+
+async def _start(bus: Bus, store: PostgresStore, specs: list[dict[str, Any]]) -> None:
+    await store.start()
+    try:
+        await bus.register_component(store, specs)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
+        raise
+    _running[bus] = store
+
+
+@hookimpl
+def upbus_startup(bus: Bus) -> Awaitable[None] | None:
+    config = bus.settings.plugin_section(NAME, PostgresSettings)
+    if not config.enabled:
+        return None
+    store = PostgresStore(
+        config.dsn.get_secret_value(),
+        schema=config.db_schema,
+        write_retries=config.write_retries,
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        max_pending=config.max_pending,
+    )
+    return _start(bus, store, config.specs)
+
+
+@hookimpl
+def upbus_shutdown(bus: Bus) -> Awaitable[None] | None:
+    store = _running.pop(bus, None)
+    return None if store is None else store.aclose()
