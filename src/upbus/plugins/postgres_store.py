@@ -106,12 +106,17 @@ def where(dsn: str) -> str:
     return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
 
 
-def connect(dsn: str) -> psycopg.Connection[Any]:
+def connect(dsn: str, application_name: str = "upbus") -> psycopg.Connection[Any]:
     """A connection to ``dsn``, or :class:`PostgresUnreachable` naming host and port."""
     import psycopg
 
     try:
-        return psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT, autocommit=True)
+        return psycopg.connect(
+            dsn,
+            connect_timeout=CONNECT_TIMEOUT,
+            autocommit=True,
+            application_name=application_name,
+        )
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = reason.rsplit(" failed: ", 1)[-1]
@@ -257,7 +262,9 @@ class _PostgresSink:
         self._dsn = dsn
         self._schema = schema
         self._retries = retries
-        self._db: psycopg.Connection[Any] | None = connect(dsn)
+        # The schema in the name tells a store's backend apart in pg_stat_activity.
+        self._application = f"upbus {schema}"
+        self._db: psycopg.Connection[Any] | None = connect(dsn, self._application)
         try:
             create_schema(self._db, schema)
             self._next_id = self._max_id(self._db) + 1
@@ -287,7 +294,7 @@ class _PostgresSink:
         for attempt in range(self._retries + 1):
             try:
                 if self._db is None or self._db.closed:
-                    self._db = connect(self._dsn)
+                    self._db = connect(self._dsn, self._application)
                     self.reconnects += 1
                     log.warning("postgres %s: reconnected", where(self._dsn))
                 if attempt and self._committed(self._db, rows):

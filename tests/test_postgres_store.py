@@ -1,0 +1,317 @@
+"""The PostgreSQL store against the real server: typed, exact, and what it accepts, it writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from factories import make_trade
+from required import skip_unless_required
+from simbus import Recorder, make_bus
+
+import upbus
+from upbus.core.wire._codec import FrameDecoder
+from upbus.core.wire._messages import ErrorMessage, Status, SubscriptionList
+from upbus.plugin import Message, Trade
+from upbus.plugins import postgres_store
+from upbus.plugins.postgres_store import PostgresStore, PostgresUnreachable, summarize
+from upbus.sim import SimConfig, Simulator
+
+psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
+
+pytestmark = pytest.mark.anyio
+
+DSN = "postgresql://postgres@127.0.0.1:5432/test"
+SPECS = [
+    {"type": "ticker", "codes": ["KRW-BTC", "KRW-ETH"]},
+    {"type": "trade", "codes": ["KRW-BTC"]},
+    {"type": "orderbook", "codes": ["KRW-BTC.5"]},
+]
+TABLES = ("tickers", "trades", "orderbooks", "candles", "my_orders", "my_assets")
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(rate=1000.0)
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A fresh schema name on the test server, dropped after the test."""
+    try:
+        admin = psycopg.connect(DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        skip_unless_required(f"PostgreSQL at 127.0.0.1:5432 (database test) unreachable: {exc}")
+    name = f"upbus_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield name
+    finally:
+        admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'.encode())
+        admin.close()
+
+
+def query(sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(DSN, autocommit=True) as db:
+        return db.execute(sql.encode(), args or None).fetchall()
+
+
+def count(schema: str, table: str) -> int:
+    (row,) = query(f'SELECT count(*) FROM "{schema}"."{table}"')
+    return int(row[0])
+
+
+def all_rows(schema: str) -> int:
+    return sum(count(schema, table) for table in TABLES)
+
+
+def postgres_bus(sim: Simulator, schema: str, **options: Any) -> upbus.Bus:
+    section = {"enabled": True, "specs": SPECS, "schema": schema, **options}
+    return make_bus(sim, debounce=0.01, reconnect={}, plugins={"postgres": section})
+
+
+def decode_one(message: dict[str, Any]) -> Message:
+    (decoded,) = FrameDecoder().decode(json.dumps(message))
+    assert not isinstance(decoded, ErrorMessage | Status | SubscriptionList)
+    return decoded
+
+
+async def test_startup_creates_the_schema_typed_tables_and_indexes(
+    sim: Simulator, schema: str
+) -> None:
+    async with postgres_bus(sim, schema) as bus:
+        assert postgres_store.store_for(bus) is not None
+    tables = {
+        row[0]
+        for row in query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", schema
+        )
+    }
+    assert tables == set(TABLES)
+    types = dict(
+        query(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = 'trades'",
+            schema,
+        )
+    )
+    assert types["trade_price"] == types["trade_volume"] == "numeric"
+    assert types["timestamp"] == types["received_at"] == "timestamp with time zone"
+    assert types["sequential_id"] == "bigint"
+    assert types["code"] == "text"
+    indexes = {
+        row[0] for row in query("SELECT indexdef FROM pg_indexes WHERE schemaname = %s", schema)
+    }
+    assert any('trades USING btree (code, "timestamp")' in i for i in indexes), indexes
+    # A second start finds everything in place.
+    async with postgres_bus(sim, schema) as bus:
+        assert postgres_store.store_for(bus) is not None
+
+
+async def test_every_accepted_message_is_an_exact_row_after_the_bus_closes(
+    sim: Simulator, schema: str
+) -> None:
+    async with postgres_bus(sim, schema, batch_size=25, flush_interval=0.05) as bus:
+        store = postgres_store.store_for(bus)
+        assert store is not None
+        watcher = Recorder()
+        await bus.register_component(watcher, SPECS)
+        await watcher.wait_for(lambda: store.accepted >= 300)
+    assert postgres_store.store_for(bus) is None
+    stats = store.stats()
+    assert stats["lost"] == stats["pending"] == 0
+    assert stats["written"] == stats["accepted"] >= 300
+    assert all_rows(schema) == stats["accepted"]
+    assert min(count(schema, t) for t in ("tickers", "trades", "orderbooks")) > 0
+    # Prices are the decimal digits of the message, times the exchange's milliseconds.
+    seen = {m.sequential_id: m for m in watcher.messages if isinstance(m, Trade)}
+    rows = query(
+        f'SELECT sequential_id, trade_price, trade_volume, timestamp FROM "{schema}".trades'
+    )
+    matched = [r for r in rows if r[0] in seen]
+    assert matched
+    for sequential_id, price, volume, stamp in matched:
+        trade = seen[sequential_id]
+        assert price == Decimal(repr(trade.trade_price))
+        assert volume == Decimal(repr(trade.trade_volume))
+        assert stamp == datetime.fromtimestamp(trade.timestamp / 1000, UTC)
+    summary = summarize(DSN, schema)["tables"]
+    assert summary["trades"]["rows"] == len(rows)
+    assert set(summary["tickers"]["codes"]) == {"KRW-BTC", "KRW-ETH"}
+
+
+def test_every_message_kind_is_stored_typed_and_exact(schema: str) -> None:
+    messages = [
+        decode_one(
+            {
+                "type": "orderbook",
+                "code": "KRW-BTC",
+                "total_ask_size": 1.5,
+                "total_bid_size": 2.5,
+                "orderbook_units": [
+                    {"ask_price": 101.0, "bid_price": 100.0, "ask_size": 1.5, "bid_size": 2.5}
+                ],
+                "timestamp": 1,
+                "level": 0.0,
+                "stream_type": "SNAPSHOT",
+            }
+        ),
+        decode_one(
+            {
+                "type": "candle.1m",
+                "code": "KRW-ETH",
+                "candle_date_time_utc": "2025-01-01T00:00:00",
+                "candle_date_time_kst": "2025-01-01T09:00:00",
+                "opening_price": 0.1,
+                "high_price": 2.0,
+                "low_price": 0.5,
+                "trade_price": 1.5,
+                "candle_acc_trade_volume": 10.123456789,
+                "candle_acc_trade_price": 15.0,
+                "timestamp": 1_700_000_000_002,
+                "stream_type": "REALTIME",
+            }
+        ),
+        decode_one(
+            {
+                "type": "myOrder",
+                "code": "KRW-BTC",
+                "uuid": "u-1",
+                "ask_bid": "BID",
+                "order_type": "limit",
+                "state": "trade",
+                "price": 100.3,
+                "volume": 0.5,
+                "is_maker": True,
+                "trades_count": 1,
+                "timestamp": 3,
+                "stream_type": "REALTIME",
+            }
+        ),
+        decode_one(
+            {
+                "type": "myAsset",
+                "asset_uuid": "a-1",
+                "assets": [{"currency": "KRW", "balance": "1234567.123456789012", "locked": "0.0"}],
+                "asset_timestamp": 4,
+                "timestamp": 4,
+                "stream_type": "REALTIME",
+            }
+        ),
+        msgspec.structs.replace(make_trade(), trade_price=0.1, trade_volume=0.00012345),
+    ]
+
+    async def record() -> None:
+        store = PostgresStore(DSN, schema=schema)
+        await store.start()
+        for message in messages:
+            await store.on_message(message)
+        await store.aclose()
+        assert store.written == len(messages)
+
+    anyio.run(record)
+    (units,) = query(f'SELECT orderbook_units, total_ask_size FROM "{schema}".orderbooks')
+    assert units == (
+        [{"ask_price": 101.0, "bid_price": 100.0, "ask_size": 1.5, "bid_size": 2.5}],
+        Decimal("1.5"),
+    )
+    (candle,) = query(
+        f'SELECT type, opening_price, candle_acc_trade_volume, timestamp FROM "{schema}".candles'
+    )
+    assert candle == (
+        "candle.1m",
+        Decimal("0.1"),
+        Decimal("10.123456789"),
+        datetime(2023, 11, 14, 22, 13, 20, 2000, tzinfo=UTC),
+    )
+    (order,) = query(
+        f'SELECT uuid, price, is_maker, trades_count, trade_uuid FROM "{schema}".my_orders'
+    )
+    assert order == ("u-1", Decimal("100.3"), True, 1, None)
+    (asset,) = query(f'SELECT assets FROM "{schema}".my_assets')
+    assert asset[0][0]["balance"] == "1234567.123456789012"
+    (trade,) = query(f'SELECT trade_price, trade_volume FROM "{schema}".trades')
+    assert trade == (Decimal("0.1"), Decimal("0.00012345"))
+    # One id sequence across the tables, in order of arrival.
+    ids = [
+        query(f'SELECT id FROM "{schema}"."{t}"')[0][0]
+        for t in ("orderbooks", "candles", "my_orders", "my_assets", "trades")
+    ]
+    assert ids == [1, 2, 3, 4, 5]
+
+
+async def test_a_killed_backend_loses_no_accepted_row(
+    sim: Simulator, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "upbus.plugins.postgres")
+
+    def kill() -> int:
+        rows = query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND application_name = %s",
+            f"upbus {schema}",
+        )
+        return sum(1 for (done,) in rows if done)
+
+    async with postgres_bus(sim, schema, batch_size=20, flush_interval=0.02) as bus:
+        store = postgres_store.store_for(bus)
+        assert store is not None
+        watcher = Recorder()
+        await bus.register_component(watcher, SPECS)
+        for round_ in range(1, 3):
+            await watcher.wait_for(lambda r=round_: store.written >= 100 * r)
+            assert kill() == 1
+        await watcher.wait_for(lambda: store.written >= 400)
+    stats = store.stats()
+    assert stats["lost"] == stats["pending"] == 0
+    assert stats["written"] == stats["accepted"] == all_rows(schema)
+    assert "reconnected" in caplog.text
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_an_unreachable_server_is_a_clear_error_without_the_password() -> None:
+    port = closed_port()
+    store = PostgresStore(f"postgresql://postgres:s3cret@127.0.0.1:{port}/test")
+    with pytest.raises(PostgresUnreachable) as caught:
+        await store.start()
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message
+    assert "s3cret" not in message
+    assert "\n" not in message
+    assert "s3cret" not in store.name
+
+
+async def test_an_unreachable_server_at_startup_isolates_the_plugin(
+    sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = closed_port()
+    dsn = f"postgresql://postgres:s3cret@127.0.0.1:{port}/test"
+    async with postgres_bus(sim, "unused", dsn=dsn) as bus:
+        assert postgres_store.store_for(bus) is None
+        assert bus.plugins.failures["postgres"] == 1
+    assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/test" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
+def test_the_dsn_is_a_secret_in_the_settings() -> None:
+    settings = upbus.Settings(
+        plugins={"postgres": {"dsn": "postgresql://u:s3cret@db.example:5433/x"}}
+    )
+    section = settings.plugin_section("postgres", postgres_store.PostgresSettings)
+    assert "s3cret" not in repr(section)
+    assert section.db_schema == "upbus"
+    assert postgres_store.where(section.dsn.get_secret_value()) == "db.example:5433/x"
