@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from clirun import run_upbus
 from factories import make_trade
 from required import skip_unless_required
 from simbus import Recorder, make_bus
@@ -315,3 +316,27 @@ def test_the_dsn_is_a_secret_in_the_settings() -> None:
     assert "s3cret" not in repr(section)
     assert section.db_schema == "upbus"
     assert postgres_store.where(section.dsn.get_secret_value()) == "db.example:5433/x"
+
+
+def test_upbus_run_records_into_postgres_and_upbus_db_summarises_it(schema: str) -> None:
+    env = {
+        "UPBUS_PLUGINS__POSTGRES__ENABLED": "true",
+        "UPBUS_PLUGINS__POSTGRES__SCHEMA": schema,
+        "UPBUS_PLUGINS__POSTGRES__FLUSH_INTERVAL": "0.1",
+    }
+    result = run_upbus("run", "--sim", "--seconds", "2", "--no-store", env=env)
+    assert result.returncode == 0, result.stderr
+    tickers = count(schema, "tickers")
+    assert tickers > 0
+    result = run_upbus("db", DSN, "--schema", schema)
+    assert result.returncode == 0, result.stderr
+    assert f"tickers: {tickers} rows" in result.stdout
+    assert "  KRW-BTC " in result.stdout
+
+
+def test_upbus_db_names_an_unreachable_server() -> None:
+    port = closed_port()
+    result = run_upbus("db", f"postgresql://postgres:s3cret@127.0.0.1:{port}/test")
+    assert result.returncode == 1
+    assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/test" in result.stderr
+    assert "s3cret" not in result.stderr

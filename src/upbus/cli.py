@@ -467,20 +467,43 @@ def _recording_specs(path: Path) -> tuple[list[Spec], int]:
 
 
 @main.command()
-@click.argument(
-    "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default="upbus.db"
+@click.argument("path", default="upbus.db")
+@click.option(
+    "--schema",
+    default="upbus",
+    show_default=True,
+    help="The schema of a PostgreSQL store.",
 )
-def db(path: Path) -> None:
-    """Summarise what an SQLite store holds.
+def db(path: str, schema: str) -> None:
+    """Summarise an SQLite or PostgreSQL store.
 
-    Rows per table and code, and the first and last exchange times.
+    Rows per table and code, and the first and last exchange times. PATH is a file
+    (default upbus.db) or a postgresql:// URL (the postgres plugin's dsn).
     """
-    from upbus.plugins.sqlite_store import summarize
+    summary: dict[str, Any]
+    if path.startswith(("postgresql://", "postgres://")):
+        try:
+            from upbus.plugins.postgres_store import summarize as summarize_postgres
+        except ImportError:
+            raise click.ClickException(
+                "PostgreSQL needs the postgres extra: pip install 'upbus[postgres]'"
+            ) from None
+        import psycopg
 
-    try:
-        summary = summarize(path)
-    except sqlite3.Error as exc:
-        raise click.ClickException(f"cannot read {path}: {exc}") from None
+        try:
+            summary = summarize_postgres(path, schema)
+        except (OSError, ValueError, psycopg.Error) as exc:
+            raise click.ClickException(str(exc)) from None
+        path = summary["path"]
+    else:
+        from upbus.plugins.sqlite_store import summarize
+
+        if not Path(path).is_file():
+            raise click.BadParameter(f"file {path!r} does not exist", param_hint="PATH")
+        try:
+            summary = summarize(path)
+        except sqlite3.Error as exc:
+            raise click.ClickException(f"cannot read {path}: {exc}") from None
     if not summary["tables"]:
         click.echo(f"{path}: no upbus tables")
         return
