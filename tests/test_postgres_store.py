@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -328,6 +329,12 @@ def test_upbus_run_records_into_postgres_and_upbus_db_summarises_it(schema: str)
     assert result.returncode == 0, result.stderr
     tickers = count(schema, "tickers")
     assert tickers > 0
+    # The store is named at start and its count given at exit, like SQLite's.
+    assert f"recording into postgresql 127.0.0.1:5432/test schema {schema}" in result.stdout
+    stored = re.search(r"stored (\d+) of (\d+) accepted messages in postgresql", result.stdout)
+    assert stored is not None, result.stdout
+    rows = sum(count(schema, table) for table in ("tickers", "trades"))
+    assert int(stored.group(1)) == int(stored.group(2)) == rows
     result = run_upbus("db", DSN, "--schema", schema)
     assert result.returncode == 0, result.stderr
     assert f"tickers: {tickers} rows" in result.stdout

@@ -31,6 +31,7 @@ from upbus.settings import Settings, explain_settings, load_settings
 
 if TYPE_CHECKING:
     from upbus.plugins.jsonl_recorder import JsonlRecorder
+    from upbus.plugins.postgres_store import PostgresStore
     from upbus.plugins.sqlite_store import SqliteStore
 
 __all__ = ("main",)
@@ -288,16 +289,17 @@ def run(
     """The main job: the configured plugins on a bus, until stopped.
 
     SIGINT or SIGTERM stops it. SQLite storage is on unless --no-store; every
-    enabled recorder (SQLite, JSON Lines) writes everything it accepted before the
-    command exits, on a signal too.
+    enabled recorder (SQLite, JSON Lines, PostgreSQL) writes everything it accepted
+    before the command exits, on a signal too.
     """
     from upbus.plugins.jsonl_recorder import recorder_for
+    from upbus.plugins.postgres_store import store_for as postgres_store_for
     from upbus.plugins.sqlite_store import store_for
 
     base = _settings(public_url=url)
 
     async def body() -> None:
-        recorders: list[SqliteStore | JsonlRecorder] = []
+        recorders: list[SqliteStore | JsonlRecorder | PostgresStore] = []
         try:
             async with AsyncExitStack() as stack:
                 settings = base
@@ -319,8 +321,9 @@ def run(
                         "the SQLite store did not start (see the error above); "
                         "fix plugins.sqlite or run with --no-store"
                     )
-                # Every recorder that runs on this bus: the store and the JSON Lines file.
-                recorders.extend(r for r in (store, recorder_for(bus)) if r is not None)
+                # Every recorder that runs on this bus: the stores and the JSON Lines file.
+                running = (store, recorder_for(bus), postgres_store_for(bus))
+                recorders.extend(r for r in running if r is not None)
                 where = (
                     "recording into " + " and ".join(str(r.path) for r in recorders)
                     if recorders
