@@ -48,9 +48,8 @@ import msgspec.inspect as mi
 import orjson
 from pydantic import Field, SecretStr
 
-from upbus.core.wire._messages import CANDLE_TYPES
-from upbus.plugin import Candle, Message, MyAsset, MyOrder, Orderbook, Ticker, Trade, hookimpl
-from upbus.plugins.recording import BatchRecorder, Item, RecorderSettings
+from upbus.plugin import Message, hookimpl
+from upbus.plugins.recording import TABLE_LAYOUT, BatchRecorder, Item, RecorderSettings
 
 if TYPE_CHECKING:
     import psycopg
@@ -219,21 +218,8 @@ class _Table:
         return out
 
 
-TABLES: tuple[_Table, ...] = (
-    _Table("tickers", Ticker, ("ticker",)),
-    _Table("trades", Trade, ("trade",)),
-    _Table("orderbooks", Orderbook, ("orderbook",)),
-    _Table(
-        "candles", Candle, CANDLE_TYPES, omit=frozenset(), indexes=(("code", "type", "timestamp"),)
-    ),
-    _Table("my_orders", MyOrder, ("myOrder",), indexes=(("code", "timestamp"), ("uuid",))),
-    _Table(
-        "my_assets",
-        MyAsset,
-        ("myAsset",),
-        omit=frozenset({"type", "code"}),
-        indexes=(("timestamp",),),
-    ),
+TABLES: tuple[_Table, ...] = tuple(
+    _Table(t.name, t.cls, t.types, omit=t.omit, indexes=t.indexes) for t in TABLE_LAYOUT
 )
 _BY_TYPE = {kind: table for table in TABLES for kind in table.types}
 

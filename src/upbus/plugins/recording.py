@@ -33,19 +33,21 @@ import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, NamedTuple, Protocol, TypeVar
 
 import anyio
 import orjson
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from upbus import parse_specs
-from upbus.plugin import Message, Overflow
+from upbus.core.wire._messages import CANDLE_TYPES
+from upbus.plugin import Candle, Message, MyAsset, MyOrder, Orderbook, Overflow, Ticker, Trade
 
 if TYPE_CHECKING:
     from upbus import Bus
 
 __all__ = (
+    "TABLE_LAYOUT",
     "BatchRecorder",
     "FileRecorderSettings",
     "Item",
@@ -53,6 +55,7 @@ __all__ = (
     "RecorderSettings",
     "Sink",
     "SpecList",
+    "TableLayout",
 )
 
 log = logging.getLogger("upbus.plugins.recording")
@@ -114,6 +117,40 @@ class FileRecorderSettings(RecorderSettings):
     """A recording plugin's section whose recorder writes one file."""
 
     path: Path
+
+
+# -- what the database stores share ------------------------------------------------------
+
+
+class TableLayout(NamedTuple):
+    """One table of a database store: its message class, the types it holds, its indexes."""
+
+    name: str
+    cls: type[Message]
+    types: tuple[str, ...]
+    omit: frozenset[str] = frozenset({"type"})
+    indexes: tuple[tuple[str, ...], ...] = (("code", "timestamp"),)
+
+
+TABLE_LAYOUT: tuple[TableLayout, ...] = (
+    TableLayout("tickers", Ticker, ("ticker",)),
+    TableLayout("trades", Trade, ("trade",)),
+    TableLayout("orderbooks", Orderbook, ("orderbook",)),
+    # The type names a candle's interval, so it is kept.
+    TableLayout(
+        "candles", Candle, CANDLE_TYPES, omit=frozenset(), indexes=(("code", "type", "timestamp"),)
+    ),
+    TableLayout("my_orders", MyOrder, ("myOrder",), indexes=(("code", "timestamp"), ("uuid",))),
+    # The wire form of myAsset has no code.
+    TableLayout(
+        "my_assets",
+        MyAsset,
+        ("myAsset",),
+        omit=frozenset({"type", "code"}),
+        indexes=(("timestamp",),),
+    ),
+)
+"""The tables every database store (SQLite, PostgreSQL) keeps, one per message kind."""
 
 
 # -- the component and its writer thread -------------------------------------------------

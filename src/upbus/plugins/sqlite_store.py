@@ -44,9 +44,14 @@ import msgspec.inspect as mi
 import orjson
 from pydantic import Field
 
-from upbus.core.wire._messages import CANDLE_TYPES
-from upbus.plugin import Candle, Message, MyAsset, MyOrder, Orderbook, Ticker, Trade, hookimpl
-from upbus.plugins.recording import BatchRecorder, FileRecorderSettings, Item, RecorderPlugin
+from upbus.plugin import Message, hookimpl
+from upbus.plugins.recording import (
+    TABLE_LAYOUT,
+    BatchRecorder,
+    FileRecorderSettings,
+    Item,
+    RecorderPlugin,
+)
 
 if TYPE_CHECKING:
     from upbus import Bus
@@ -145,23 +150,8 @@ class _Table:
         return out
 
 
-TABLES: tuple[_Table, ...] = (
-    _Table("tickers", Ticker, ("ticker",)),
-    _Table("trades", Trade, ("trade",)),
-    _Table("orderbooks", Orderbook, ("orderbook",)),
-    # The type names a candle's interval, so it is kept.
-    _Table(
-        "candles", Candle, CANDLE_TYPES, omit=frozenset(), indexes=(("code", "type", "timestamp"),)
-    ),
-    _Table("my_orders", MyOrder, ("myOrder",), indexes=(("code", "timestamp"), ("uuid",))),
-    # The wire form of myAsset has no code.
-    _Table(
-        "my_assets",
-        MyAsset,
-        ("myAsset",),
-        omit=frozenset({"type", "code"}),
-        indexes=(("timestamp",),),
-    ),
+TABLES: tuple[_Table, ...] = tuple(
+    _Table(t.name, t.cls, t.types, omit=t.omit, indexes=t.indexes) for t in TABLE_LAYOUT
 )
 _BY_TYPE = {kind: table for table in TABLES for kind in table.types}
 
