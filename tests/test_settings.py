@@ -377,9 +377,9 @@ def test_misspelt_environment_variable_names_the_closest_setting(
 def test_environment_variable_with_no_close_setting_is_still_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("UPBUS_ZQXJ", SECRET)
+    monkeypatch.setenv("UPBUS_QZXJW", SECRET)
     message = config_error(_cwd=tmp_path)
-    assert message.startswith("UPBUS_ZQXJ is not a setting;")
+    assert message.startswith("UPBUS_QZXJW is not a setting;")
     assert "did you mean" not in message
     assert "\n" not in message
     assert SECRET not in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from upbus.settings.model import (
+    NatsSettings,
     RateLimitSettings,
     ReconnectSettings,
     Settings,
@@ -11,6 +12,7 @@ from upbus.settings.model import (
 )
 
 __all__ = (
+    "NatsSettings",
     "RateLimitSettings",
     "ReconnectSettings",
     "Settings",

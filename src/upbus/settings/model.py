@@ -43,6 +43,7 @@ from upbus.settings.sources import (
 )
 
 __all__ = (
+    "NatsSettings",
     "RateLimitSettings",
     "ReconnectSettings",
     "Settings",
@@ -130,6 +131,62 @@ class ReconnectSettings(BaseModel):
         if initial is not None and value < initial:
             raise ValueError(f"must be at least initial ({initial})")
         return value
+
+
+class NatsSettings(BaseModel):
+    """How buses and gateways share one upstream over NATS (docs/scale-out.md)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prefix: str = Field(
+        default="upbus",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="First token of every subject and name of every KV bucket upbus uses.",
+    )
+    lease_ttl: float = Field(
+        default=6.0,
+        ge=0.5,
+        le=10,
+        description=(
+            "Seconds a remote bus's subscriptions outlive its last renewal (renewed every "
+            "third of it); a killed process's wishes leave the upstream this long after."
+        ),
+    )
+    leader_ttl: float = Field(
+        default=1.0,
+        ge=0.2,
+        le=30,
+        description=(
+            "Seconds without a renewal after which a standby gateway takes over, and after "
+            "which a leader that cannot renew stops publishing."
+        ),
+    )
+    publish_private: bool = Field(
+        default=False,
+        description=(
+            "Let a gateway with API keys publish myOrder and myAsset, to subjects of its "
+            "account only; off, private data never crosses NATS."
+        ),
+    )
+    account: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description=(
+            "Account name in private subjects; default: derived from the access key. A "
+            "remote bus without keys sets it to read that account's private data."
+        ),
+    )
+    host: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description=(
+            "Name of the connect budget this process shares with the others on its IP; "
+            "default: the host name."
+        ),
+    )
+    connect_timeout: float = Field(
+        default=2.0, gt=0, description="Seconds to wait for the NATS server at each connect."
+    )
 
 
 class Settings(BaseSettings):
@@ -223,6 +280,24 @@ class Settings(BaseSettings):
             "a component still busy then is named in a warning."
         ),
     )
+    upstream: Literal["exchange", "gateway"] = Field(
+        default="exchange",
+        description=(
+            "'exchange': this process connects to Upbit. 'gateway': it is a remote bus; "
+            "`upbus gateway` processes hold the connections and it talks to them over "
+            "nats_url."
+        ),
+    )
+    nats_url: str | None = Field(
+        default=None,
+        description=(
+            "NATS server(s), comma-separated nats:// or tls:// URLs: needed by remote buses "
+            "and gateways; when set, exchange-mode buses share the host's connect budget."
+        ),
+    )
+    nats: NatsSettings = Field(
+        default_factory=NatsSettings, description="Leases, leadership and subjects over NATS."
+    )
     rate_limit: RateLimitSettings = Field(
         default_factory=RateLimitSettings, description="Exchange request limits."
     )
@@ -252,6 +327,17 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("ws", "wss") or not parts.netloc:
             raise ValueError("must be a ws:// or wss:// URL")
+        return value
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_urls(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for url in value.split(","):
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.netloc:
+                raise ValueError(f"{url.strip()!r} is not a nats://, tls:// or ws(s):// URL")
         return value
 
     @field_validator("disabled_plugins", mode="before")
