@@ -187,6 +187,10 @@ class NatsSettings(BaseModel):
     connect_timeout: float = Field(
         default=2.0, gt=0, description="Seconds to wait for the NATS server at each connect."
     )
+    credentials: str | None = Field(
+        default=None,
+        description="Path of a NATS .creds file (JWT and nkey seed) to authenticate with.",
+    )
 
 
 class Settings(BaseSettings):
