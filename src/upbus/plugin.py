@@ -30,6 +30,7 @@ from upbus.core.delivery._events import BusEvent, ConnectionEvent, Dropped, Reje
 from upbus.core.hooks._hookspecs import (
     HOOKS,
     ConnectionState,
+    FrameTap,
     HookKind,
     HookSpec,
     LimiterKind,
@@ -76,6 +77,7 @@ __all__ = (
     "ConnectionEvent",
     "ConnectionState",
     "Dropped",
+    "FrameTap",
     "HandshakeRejected",
     "HookKind",
     "HookSpec",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Self
 
@@ -38,7 +38,7 @@ from upbus.core.delivery._events import ConnectionEvent, Rejected
 from upbus.core.delivery._router import Router
 from upbus.core.delivery._scheduler import Delivery
 from upbus.core.delivery._stall_watch import StallWatch
-from upbus.core.hooks._hookspecs import ConnectionState
+from upbus.core.hooks._hookspecs import ConnectionState, FrameTap
 from upbus.core.hooks._manager import PluginManager
 from upbus.core.sending._batcher import Batcher
 from upbus.core.sending._ratelimit import RateLimiter
@@ -53,6 +53,7 @@ from upbus.core.subscriptions._specs import (
 )
 from upbus.core.subscriptions._state import StateChange
 from upbus.core.wire._auth import bearer_headers
+from upbus.core.wire._messages import Message
 from upbus.core.wire._transport import Transport
 from upbus.settings import Settings, load_settings
 
@@ -216,6 +217,7 @@ class Bus(AsyncContextManagerMixin):
             reconnect_max=settings.reconnect.maximum,
             reconnect_multiplier=settings.reconnect.multiplier,
             max_attempts=settings.reconnect.max_attempts,
+            tap=_one_tap(self.plugins.frame_taps(channel, settings)),
         )
         # The batcher sends through the current connection and its message budget,
         # and hears from the sink when a connection needs the whole latest state.
@@ -406,3 +408,17 @@ class Bus(AsyncContextManagerMixin):
 
 def _no_headers() -> Mapping[str, str]:
     return {}
+
+
+def _one_tap(taps: list[FrameTap]) -> FrameTap | None:
+    # No tap, the common case, costs the receive loop one `is None` test per read.
+    if not taps:
+        return None
+    if len(taps) == 1:
+        return taps[0]
+
+    def every(frames: Sequence[bytes | str], messages: list[Message]) -> None:
+        for tap in taps:
+            tap(frames, messages)
+
+    return every

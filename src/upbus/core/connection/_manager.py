@@ -49,7 +49,7 @@ from upbus.core.wire._transport import (
 )
 
 if TYPE_CHECKING:
-    from upbus.core.hooks._hookspecs import ConnectionState
+    from upbus.core.hooks._hookspecs import ConnectionState, FrameTap
 
 __all__ = ("OnRejected", "WebSocketManager")
 
@@ -78,6 +78,7 @@ class WebSocketManager:
         comes from a task of :meth:`run`, after the registration returned.
     :param confirm_after: seconds a request must stand on its connection without an
         error to count as accepted, when no data for a key it added arrived first.
+    :param tap: sees the raw frames and data messages of every read (``upbus_frame_tap``).
     :param error_close_grace: seconds after an error frame within which a close is
         that error's doing (the exchange closes 150-180 ms after the frame);
         meanwhile nothing is sent on the connection. A connection still open after
@@ -113,6 +114,7 @@ class WebSocketManager:
         error_close_grace: float = 1.0,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        tap: FrameTap | None = None,
     ) -> None:
         self.channel = channel
         self.url = url
@@ -164,6 +166,7 @@ class WebSocketManager:
             backpressure=backpressure,
             on_control=self._control,
             on_first_data=self._first_data,
+            tap=tap,
         )
         subscriptions.add_listener(self._on_change)
 

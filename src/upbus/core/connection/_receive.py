@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from upbus.core.connection._metrics import ConnectionMetrics
 from upbus.core.connection._refusals import Refusals
+from upbus.core.hooks._hookspecs import FrameTap
 from upbus.core.wire._codec import FrameDecoder
 from upbus.core.wire._messages import ErrorMessage, Message, Status, SubscriptionList
 from upbus.core.wire._transport import Connection
@@ -31,6 +32,7 @@ class ReceiveLoop:
     :param backpressure: awaited after each delivery (the ``block`` overflow policy).
     :param on_control: called with each status, error and subscription-list message.
     :param on_first_data: called once per connection, at its first data message.
+    :param tap: called with the raw frames and the data messages of each read.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ReceiveLoop:
         backpressure: Callable[[], Awaitable[None]] | None,
         on_control: Callable[[Status | ErrorMessage | SubscriptionList], None],
         on_first_data: Callable[[], None],
+        tap: FrameTap | None = None,
     ) -> None:
         self._channel = channel
         self._metrics = metrics
@@ -51,6 +54,7 @@ class ReceiveLoop:
         self._backpressure = backpressure
         self._on_control = on_control
         self._on_first_data = on_first_data
+        self._tap = tap
         self._decoder = FrameDecoder()
 
     async def run(self, conn: Connection) -> None:
@@ -63,12 +67,15 @@ class ReceiveLoop:
         counts = metrics.counts
         by_type = metrics.by_type
         tracker = self._refusals.tracker
+        tap = self._tap
         carried = False  # this connection delivered data
         while True:
             frames = await conn.receive_batch()
             counts["frames_in"] += len(frames)
             counts["bytes_in"] += sum(map(len, frames))
             batch, control, errors = decode_batch(frames)
+            if tap is not None:
+                tap(frames, batch)
             for exc in errors:
                 counts["decode_errors"] += 1
                 log.warning("%s: %s", self._channel, exc)

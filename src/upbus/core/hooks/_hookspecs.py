@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from upbus.core.subscriptions._merge import Merger
     from upbus.core.subscriptions._specs import Channel
     from upbus.core.subscriptions._state import MergedState
+    from upbus.core.wire._messages import Message
     from upbus.core.wire._transport import Transport
     from upbus.settings import Settings
 
@@ -51,6 +52,7 @@ __all__ = (
     "HOOKS",
     "PROJECT",
     "ConnectionState",
+    "FrameTap",
     "HookKind",
     "HookSpec",
     "LimiterKind",
@@ -71,6 +73,9 @@ ConnectionState = Literal[
     "idle", "connecting", "connected", "gap", "backoff", "reconnected", "closed"
 ]
 """The states a connection reports through ``upbus_connection_state``."""
+
+FrameTap = Callable[[Sequence["bytes | str"], list["Message"]], None]
+"""``tap(frames, messages)``: what ``upbus_frame_tap`` returns (raw frames of one read)."""
 
 HookKind = Literal["policy", "consumer", "lifecycle", "observation"]
 """How the bus calls a hook.
@@ -258,6 +263,21 @@ class UpbusHookSpecs:
         :param channel: the connection's channel.
         :param state: the merged state the request installs.
         :param size: the frame's size in bytes.
+        """
+
+    @_spec("observation")
+    def upbus_frame_tap(self, channel: Channel, settings: Settings) -> FrameTap | None:
+        """Ask to see ``channel``'s frames as received: return a callable, or ``None``.
+
+        Called once per channel when the bus starts. The callable gets
+        ``(frames, messages)`` for every socket read: the frames exactly as they
+        arrived (``bytes`` or ``str``) and the data messages decoded from them (in
+        order; status, error and list frames are in ``frames`` only). It runs on the
+        event loop, before delivery, so it must be quick and must not raise; a
+        gateway uses it to republish frames without encoding them again.
+
+        :param channel: the channel whose frames the tap will see.
+        :param settings: the effective settings.
         """
 
 

@@ -42,6 +42,7 @@ from upbus.core.hooks._hookspecs import (
     HOOKS,
     PROJECT,
     ConnectionState,
+    FrameTap,
     LimiterKind,
     UpbusHookSpecs,
 )
@@ -407,6 +408,16 @@ class PluginManager:
         ):
             if inspect.isawaitable(result):
                 self._bad_result(name, "upbus_connection_state", result)
+
+    def frame_taps(self, channel: Channel, settings: Settings) -> list[FrameTap]:
+        """The taps plugins want on ``channel``'s raw frames (hook ``upbus_frame_tap``)."""
+        taps: list[FrameTap] = []
+        for name, result in self._notify("upbus_frame_tap", channel=channel, settings=settings):
+            if callable(result):
+                taps.append(cast("FrameTap", result))
+            else:
+                self._bad_result(name, "upbus_frame_tap", result)
+        return taps
 
     def request_sent(self, channel: Channel, state: MergedState, size: int) -> None:
         """Tell plugins a request frame went out (hook ``upbus_request_sent``)."""
