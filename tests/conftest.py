@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from natsserver import nats_server  # noqa: F401  (a fixture for every test module)
 from simbus import funded_config
 from wsservers import make_certificate
 

@@ -110,6 +110,7 @@ class Bus(AsyncContextManagerMixin):
         self._managers: dict[Channel, WebSocketManager] = {}
         self._batchers: dict[Channel, Batcher] = {}
         self._task_group: TaskGroup | None = None
+        self._transports: dict[Channel, Transport] = {}
         self._plugin_components: list[object] = []
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -122,6 +123,7 @@ class Bus(AsyncContextManagerMixin):
         self._phase = "running"
         # Made before any task group, so a configuration error is a plain exception.
         transports = {ch: self.plugins.make_transport(ch, self.settings) for ch in Channel}
+        self._transports = transports
         # An error in the body of `async with Bus()` reaches the caller as itself,
         # not wrapped in the exception groups of the bus's task groups.
         body_error: Exception | None = None
@@ -369,6 +371,14 @@ class Bus(AsyncContextManagerMixin):
 
     def _check_private(self, specs: tuple[Spec, ...]) -> None:
         private = [spec.type for spec in specs if spec.channel is Channel.PRIVATE]
+        if private and self.settings.upstream == "gateway":
+            # A remote bus reads its account's subjects; the gateway holds the keys.
+            if self.settings.nats.account is None and self.settings.access_key is None:
+                raise ConfigError(
+                    f"{private[0]} through a gateway needs the account: set nats.account "
+                    "(UPBUS_NATS__ACCOUNT) or the access key"
+                )
+            return
         if private and (self.settings.access_key is None or self.settings.secret_key is None):
             raise ConfigError(
                 f"{private[0]} needs API keys: set access_key and secret_key "
@@ -387,10 +397,18 @@ class Bus(AsyncContextManagerMixin):
         return stats
 
     def get_connection_metrics(self) -> dict[str, Any]:
-        """Per channel: state, connects, frames and bytes, messages by type, errors, ping RTT."""
-        return {
-            ch.value: manager.get_connection_metrics() for ch, manager in self._managers.items()
-        }
+        """Per channel: state, connects, frames and bytes, messages by type, errors, ping RTT.
+
+        A transport that reports a status of its own (a remote bus's: which gateway
+        leads, or that none does) adds it as ``upstream``.
+        """
+        metrics = {}
+        for channel, manager in self._managers.items():
+            metrics[channel.value] = found = manager.get_connection_metrics()
+            status = getattr(self._transports.get(channel), "status", None)
+            if callable(status):
+                found["upstream"] = status()
+        return metrics
 
     def get_rate_limiter_status(self) -> dict[str, Any]:
         """The connect limiter of each scope and each connection's message limiter."""

@@ -9,11 +9,36 @@ process on the host shares through NATS. docs/scale-out.md has the whole picture
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from upbus.core.sending._ratelimit import RateLimiter, upbit_connect_limiter
+from upbus.core.subscriptions._specs import Channel
 from upbus.plugin import LimiterKind, hookimpl
 from upbus.settings import Settings
 
-__all__ = ()
+if TYPE_CHECKING:
+    from upbus.plugins.nats._gateway import Gateway
+    from upbus.plugins.nats._remote import RemoteTransport
+
+__all__ = ("Gateway",)
+
+
+def __getattr__(name: str) -> object:
+    # The gateway imports the bus; importing it lazily keeps plugin loading light.
+    if name == "Gateway":
+        from upbus.plugins.nats._gateway import Gateway
+
+        return Gateway
+    raise AttributeError(name)
+
+
+@hookimpl(tryfirst=True)
+def upbus_make_transport(channel: Channel, settings: Settings) -> RemoteTransport | None:
+    if settings.upstream != "gateway":
+        return None
+    from upbus.plugins.nats._remote import RemoteTransport
+
+    return RemoteTransport(channel, settings)
 
 
 @hookimpl(tryfirst=True)

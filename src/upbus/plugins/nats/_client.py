@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
     from upbus.settings import Settings
 
-__all__ = ("NatsUnavailable", "bucket", "connect", "host_name", "servers")
+__all__ = ("NatsUnavailable", "bucket", "connect", "host_name", "servers", "shown_url")
 
 log = logging.getLogger("upbus.nats")
 
@@ -45,7 +46,14 @@ def host_name(settings: Settings) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
 
 
-async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> Client:
+async def connect(
+    settings: Settings,
+    name: str,
+    *,
+    reconnect: bool = True,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> Client:
     """A connected NATS client named ``name``, or :class:`NatsUnavailable`.
 
     With ``reconnect`` the client keeps reconnecting forever after a lost server,
@@ -83,10 +91,12 @@ async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> C
                 max_outstanding_pings=2,
                 user_credentials=credentials,
                 error_cb=quiet,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
             )
     except (TimeoutError, OSError, NatsError) as exc:
         raise NatsUnavailable(
-            f"NATS at {', '.join(_shown(url) for url in urls)} is unreachable: "
+            f"NATS at {shown_url(settings.nats_url or '')} is unreachable: "
             f"{type(exc).__name__}: {exc}"
         ) from None
 
@@ -97,9 +107,12 @@ async def bucket(client: Client, name: str, *, history: int = 1) -> KeyValue:
     return await js.create_key_value(bucket=name, history=history)
 
 
-def _shown(url: str) -> str:
-    # Never print a password that is part of the URL.
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "****@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
+def shown_url(urls: str) -> str:
+    """``urls`` (comma-separated) without the credentials any of them holds."""
+    shown = []
+    for url in urls.split(","):
+        scheme, sep, rest = url.strip().partition("://")
+        if "@" in rest:
+            rest = "****@" + rest.split("@", 1)[1]
+        shown.append(scheme + sep + rest)
+    return ",".join(shown)

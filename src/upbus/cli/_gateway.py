@@ -1,0 +1,45 @@
+"""``upbus gateway``: hold the exchange connections for every remote bus on NATS."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import click
+
+from upbus.cli._app import main, run_until_signal, settings_from
+
+
+@main.command()
+@click.option("--nats", "nats_url", help="NATS server URL(s) (default: the setting nats_url).")
+@click.option("--sim", "use_sim", is_flag=True, help="Serve an embedded local simulator.")
+@click.option("--url", help="Public WebSocket URL (default: the setting public_url).")
+def gateway(nats_url: str | None, use_sim: bool, url: str | None) -> None:
+    """Serve remote buses (upstream = gateway) over NATS.
+
+    Several gateways on one NATS elect one leader; the others stand by and take
+    over within nats.leader_ttl when it stops. The first line on stdout says the
+    gateway is ready and on which NATS server; later lines say when it leads or
+    stands by. SIGINT or SIGTERM stops it and hands the lead over at once.
+    """
+    from upbus.plugins.nats._gateway import Gateway
+
+    settings = settings_from(nats_url=nats_url, public_url=url)
+    if settings.nats_url is None:
+        raise click.UsageError("no NATS server: pass --nats nats://host:4222 or set UPBUS_NATS_URL")
+
+    def say(line: str) -> None:
+        click.echo(line)
+
+    async def body() -> None:
+        async with AsyncExitStack() as stack:
+            used = settings
+            if use_sim:
+                from upbus.sim import SimConfig, Simulator
+
+                exchange = await stack.enter_async_context(Simulator(SimConfig()))
+                used = settings.model_copy(
+                    update={"public_url": exchange.public_url, "private_url": exchange.private_url}
+                )
+            await Gateway(used, on_status=say).run()
+
+    run_until_signal(body)
