@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import anyio
 import click
 
 import upbus
 from upbus.cli._app import main, run_until_signal, settings_from
+from upbus.cli._otel import otel_option
 from upbus.cli._printer import Printer
 from upbus.core._bus import Bus
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 
 @main.command()
@@ -16,7 +22,8 @@ from upbus.core._bus import Bus
     "--seconds", type=float, help="Stop after this many seconds (default: run until Ctrl-C)."
 )
 @click.option("--rate", type=float, default=20.0, show_default=True, help="Simulator messages/s.")
-def demo(seconds: float | None, rate: float) -> None:
+@otel_option
+def demo(seconds: float | None, rate: float, tracer_provider: TracerProvider | None) -> None:
     """Watch a few components share one subscription.
 
     The simulator runs in the same process.
@@ -27,7 +34,8 @@ def demo(seconds: float | None, rate: float) -> None:
         async with (
             Simulator(SimConfig(rate=rate)) as exchange,
             Bus(
-                settings_from(public_url=exchange.public_url, private_url=exchange.private_url)
+                settings_from(public_url=exchange.public_url, private_url=exchange.private_url),
+                tracer_provider=tracer_provider,
             ) as bus,
         ):
             click.echo(f"simulator at {exchange.public_url}; press Ctrl-C to stop")

@@ -11,10 +11,13 @@ import anyio
 import click
 
 from upbus.cli._app import main, run_until_signal, settings_from
+from upbus.cli._otel import otel_option
 from upbus.core._bus import Bus
 from upbus.settings import Settings
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from upbus.plugins.jsonl_recorder import JsonlRecorder
     from upbus.plugins.postgres_store import PostgresStore
     from upbus.plugins.sqlite_store import SqliteStore
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     show_default=True,
     help="Seconds between status lines.",
 )
+@otel_option
 def run(
     url: str | None,
     use_sim: bool,
@@ -46,6 +50,7 @@ def run(
     no_store: bool,
     seconds: float | None,
     status_every: float,
+    tracer_provider: TracerProvider | None,
 ) -> None:
     """The main job: the configured plugins on a bus, until stopped.
 
@@ -75,7 +80,9 @@ def run(
                         }
                     )
                 settings = _with_store(settings, db, enabled=not no_store)
-                bus = await stack.enter_async_context(Bus(settings))
+                bus = await stack.enter_async_context(
+                    Bus(settings, tracer_provider=tracer_provider)
+                )
                 store = store_for(bus)
                 if store is None and not no_store:
                     raise click.ClickException(
