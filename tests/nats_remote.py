@@ -3,11 +3,12 @@
 ``python nats_remote.py NATS_URL TYPE CODE...`` registers one component for
 ``TYPE`` of ``CODE...`` on a remote bus (``upstream = "gateway"``) and prints one
 JSON line per item it receives: ``{"type", "code", "id"}`` for a message,
-``{"event", "channel"}`` for a connection event. It runs until killed.
+``{"event", "channel"}`` for a connection event. It runs until killed, or SIGTERM stops it cleanly.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import anyio
@@ -26,6 +27,19 @@ class Printer:
 
 
 async def main(nats_url: str, kind: str, codes: list[str]) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_sigterm, tg.cancel_scope)
+        await serve(nats_url, kind, codes)
+
+
+async def stop_on_sigterm(scope: anyio.CancelScope) -> None:
+    # SIGTERM is a clean exit: the bus closes, and its lease is deleted at once.
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _signum in signals:
+            scope.cancel()
+
+
+async def serve(nats_url: str, kind: str, codes: list[str]) -> None:
     printer = Printer()
     async with upbus.Bus(upstream="gateway", nats_url=nats_url) as bus:
         subscriber = await bus.register_component(printer, [{"type": kind, "codes": codes}])

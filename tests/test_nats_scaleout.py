@@ -311,3 +311,116 @@ async def test_a_remote_bus_without_nats_url_names_the_setting() -> None:
     with pytest.raises(upbus.ConfigError, match="nats_url"):
         async with upbus.Bus(upstream="gateway", autoload_plugins=False):
             pass
+
+
+async def test_a_cleanly_stopped_remote_leaves_the_upstream_at_once(
+    nats_server: NatsServer, sim: Simulator
+) -> None:
+    async with processes() as start:
+        env = {**gateway_env(nats_server, sim), "UPBUS_NATS__LEASE_TTL": "10"}
+        gateway = await start([*UPBUS, "gateway"], "gateway", env)
+        await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        remote_env = {"UPBUS_NATS__LEASE_TTL": "10"}
+        stays = await start([*REMOTE, nats_server.url, "ticker", "KRW-ETH"], "stays", remote_env)
+        leaves = await start([*REMOTE, nats_server.url, "ticker", "KRW-BTC"], "leaves", remote_env)
+        await stays.wait_for(lambda lines: data_codes(lines) == {"KRW-ETH"}, 15)
+        await leaves.wait_for(lambda lines: data_codes(lines) == {"KRW-BTC"}, 15)
+        await sim.wait_until(lambda: ticker_codes(sim) == {"KRW-BTC", "KRW-ETH"}, 5)
+
+        leaves.process.send_signal(signal.SIGTERM)
+        # Well within the 10 s lease: the lease was deleted, not left to expire.
+        await sim.wait_until(lambda: ticker_codes(sim) == {"KRW-ETH"}, 3)
+        with anyio.fail_after(5):
+            assert await leaves.process.wait() == 0
+
+
+async def test_a_paused_leader_stops_publishing_and_steps_down_when_it_wakes(
+    nats_server: NatsServer, sim: Simulator
+) -> None:
+    async with processes() as start:
+        env = gateway_env(nats_server, sim)
+        first = await start([*UPBUS, "gateway"], "first gateway", env)
+        await first.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        second = await start([*UPBUS, "gateway"], "second gateway", env)
+        await second.wait_for(lambda lines: any("ready on" in x for x in lines), 15)
+        async with remote_bus(nats_server) as bus:
+            component = Collector()
+            await bus.register_component(component, [upbus.trade("KRW-BTC", "KRW-ETH")])
+            await component.wait_for(lambda: len(component.messages()) >= 10, 15)
+
+            first.process.send_signal(signal.SIGSTOP)
+            await second.wait_for(lambda lines: any("leading" in x for x in lines), 10)
+            await component.wait_for(lambda: component.states()[-1:] == ["reconnected"], 10)
+            resumed = len(component.items)
+            await component.wait_for(lambda: len(component.items) >= resumed + 10, 10)
+
+            first.process.send_signal(signal.SIGCONT)
+            await first.wait_for(lambda lines: any("standing by" in x for x in lines), 10)
+            woke = len(component.items)
+            await component.wait_for(lambda: len(component.items) >= woke + 20, 10)
+            # The woken leader published nothing it could deliver, and caused no gap.
+            assert "gap" not in component.states()[component.states().index("reconnected") :]
+            trades = [item.sequential_id for _t, item in component.messages()]
+            assert len(trades) == len(set(trades)), "a trade was delivered twice"
+
+
+async def test_private_data_crosses_nats_only_when_enabled_and_only_to_its_account(
+    nats_server: NatsServer,
+) -> None:
+    from simbus import ACCESS, SECRET, funded_config
+
+    async with Simulator(funded_config(rate=20.0)) as sim, processes() as start:
+        env = {
+            **gateway_env(nats_server, sim),
+            "UPBUS_ACCESS_KEY": ACCESS,
+            "UPBUS_SECRET_KEY": SECRET,
+            "UPBUS_NATS__PUBLISH_PRIVATE": "true",
+            "UPBUS_NATS__ACCOUNT": "alice",
+        }
+        gateway = await start([*UPBUS, "gateway"], "gateway", env)
+        await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        async with (
+            remote_bus(nats_server, account="alice") as alice,
+            remote_bus(nats_server, account="mallory") as mallory,
+        ):
+            mine, theirs = Collector(), Collector()
+            await alice.register_component(mine, [upbus.my_order()])
+            await mallory.register_component(theirs, [upbus.my_order()])
+            await sim.wait_until(
+                lambda: any(
+                    r.endpoint == "private" and isinstance(r.parsed, Subscribe)
+                    for r in sim.requests
+                ),
+                10,
+            )
+            await mine.wait_for(lambda: "connected" in mine.states(), 10)
+            await theirs.wait_for(lambda: "connected" in theirs.states(), 10)
+            order = sim.place_order(ACCESS, "KRW-BTC", "BID", "limit", price="1000", volume="1")
+            sim.cancel_order(order)
+            await mine.wait_for(lambda: len(mine.messages()) >= 2, 10)
+            assert {m.state for _t, m in mine.messages()} == {"wait", "cancel"}
+            assert not theirs.messages()
+
+
+async def test_a_gateway_without_publish_private_serves_no_private_data(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from simbus import ACCESS, SECRET, funded_config
+
+    async with Simulator(funded_config(rate=20.0)) as sim, processes() as start:
+        env = {
+            **gateway_env(nats_server, sim),
+            "UPBUS_ACCESS_KEY": ACCESS,
+            "UPBUS_SECRET_KEY": SECRET,
+            "UPBUS_NATS__ACCOUNT": "alice",
+        }
+        gateway = await start([*UPBUS, "-v", "gateway"], "gateway", env)
+        await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        async with remote_bus(nats_server, account="alice") as bus:
+            component = Collector()
+            await bus.register_component(component, [upbus.my_order(), upbus.ticker("KRW-BTC")])
+            await component.wait_for(lambda: len(component.messages()) >= 3, 15)
+            sim.place_order(ACCESS, "KRW-BTC", "BID", "limit", price="1000", volume="1")
+            await component.wait_for(lambda: len(component.messages()) >= 10, 15)
+            assert {m.type for _t, m in component.messages()} == {"ticker"}
+            assert not any(c.endpoint == "private" for c in sim.connections)

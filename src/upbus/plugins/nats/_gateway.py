@@ -38,7 +38,7 @@ from upbus.core.subscriptions._specs import PRIVATE_TYPES, Channel, Spec, parse_
 from upbus.core.wire._codec import FrameDecoder
 from upbus.core.wire._messages import Message
 from upbus.plugin import FrameTap, hookimpl
-from upbus.plugins.nats._client import bucket, connect, host_name, shown_url
+from upbus.plugins.nats._client import NatsUnavailable, bucket, connect, host_name, shown_url
 from upbus.plugins.nats._leader import Leadership
 from upbus.plugins.nats._remote import account_name
 from upbus.plugins.nats._subjects import (
@@ -147,10 +147,12 @@ class Gateway:
         }
 
     async def run(self) -> None:
-        """Serve until cancelled; resign the lead on the way out."""
-        client = await connect(
-            self.settings, f"upbus gateway {self.id}", on_reconnect=self._nats_back
-        )
+        """Serve until cancelled; resign the lead on the way out.
+
+        A NATS server that is not up yet is waited for (with a warning), so a
+        gateway may start before it.
+        """
+        client = await self._connect()
         self._client = client
         try:
             leases = await bucket(client, leases_bucket(self._prefix))
@@ -183,6 +185,19 @@ class Gateway:
             self.bus = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 await client.close()
+
+    async def _connect(self) -> Client:
+        warned = False
+        while True:
+            try:
+                return await connect(
+                    self.settings, f"upbus gateway {self.id}", on_reconnect=self._nats_back
+                )
+            except NatsUnavailable as exc:
+                if not warned:
+                    warned = True
+                    log.warning("%s; retrying until it answers", exc)
+                await anyio.sleep(1)
 
     # -- leadership ---------------------------------------------------------------
 
@@ -328,7 +343,8 @@ class Gateway:
 
     def tap(self, channel: Channel, frames: Sequence[bytes | str], messages: list[Message]) -> None:
         """The frame tap: queue each data frame for its subject (leader only)."""
-        epoch = self.epoch
+        leadership = self._leadership
+        epoch = None if leadership is None else leadership.current_epoch()
         if epoch is None:
             return
         backlog = self._backlog

@@ -60,6 +60,17 @@ class Leadership:
     def leading(self) -> bool:
         return self.epoch is not None
 
+    def current_epoch(self) -> str | None:
+        """The epoch to publish under: ``None`` unless the lead was renewed within the TTL.
+
+        Checked per socket read, so a leader that was paused (a stopped process, a
+        long GC, a lost NATS) stops publishing the moment its lead may have passed
+        on, before its own renewal loop has noticed.
+        """
+        if self.epoch is None or time.monotonic() - self._renewed >= self._ttl:
+            return None
+        return self.epoch
+
     async def run(self) -> None:
         """Lead or stand by, until cancelled; resign (delete the key) when leading."""
         try:

@@ -97,6 +97,8 @@ class RemoteTransport:
         self._state = "idle"
         self._leader: dict[str, Any] | None = None
         self._warned = False
+        # The leader record a connection ended on for silence: not to be bound to again.
+        self.silent: tuple[str, int] | None = None
 
     def status(self) -> dict[str, Any]:
         """What ``get_connection_metrics()`` shows as the channel's ``upstream``."""
@@ -168,6 +170,8 @@ class RemoteTransport:
                 fresh = abs(time.time() - float(record.get("at", 0))) <= ttl + CLOCK_SLACK
                 if first is None:
                     first = revision
+                if self.silent == (str(record.get("epoch")), revision):
+                    fresh = False  # the record of a leader already found silent
                 if fresh or revision != first:
                     if self._warned:
                         log.warning(
@@ -384,6 +388,7 @@ class RemoteConnection:
             if revision != self._revision:
                 self._revision, self._revision_seen = revision, now
             elif now - self._revision_seen > ttl:
+                self._transport.silent = (self.epoch, revision)
                 self._end(f"the leading gateway has not renewed its lead for {ttl} s")
                 return
 
