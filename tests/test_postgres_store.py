@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import socket
 import uuid
@@ -347,3 +348,56 @@ def test_upbus_db_names_an_unreachable_server() -> None:
     assert result.returncode == 1
     assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/test" in result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_binary_copy_stores_each_float_as_its_shortest_decimal_as_text_copy_does(
+    schema: str,
+) -> None:
+    rng = random.Random(7)
+    edges = [0.1, 0.30000000000000004, 0.0, -0.0, -3.5, 1e-07, 1.5e-05, 1e16, 1e22, 5e-324]
+    edges += [1.7976931348623157e308, 140_123_000.0, 178_427_519_318.49756, 9999.9999]
+    prices = edges + [rng.uniform(-1e12, 1e12) for _ in range(300)]
+    prices += [round(rng.uniform(0, 1e6), rng.randint(0, 9)) for _ in range(300)]
+    volumes = [rng.choice([None, rng.random(), rng.uniform(0, 1e-6)]) for _ in prices]
+    trades = [
+        msgspec.structs.replace(
+            make_trade(sequential_id=i),
+            trade_price=price,
+            trade_volume=price * 3.3,
+            best_ask_size=volume,
+            timestamp=1_700_000_000_000 + i,
+        )
+        for i, (price, volume) in enumerate(zip(prices, volumes, strict=True))
+    ]
+    text_schema = f"{schema}_text"
+
+    async def record(name: str, copy_format: postgres_store.CopyFormat) -> None:
+        store = PostgresStore(DSN, schema=name, batch_size=100, copy_format=copy_format)
+        await store.start()
+        for trade in trades:
+            await store.on_message(trade)
+        await store.aclose()
+        assert store.written == len(trades)
+
+    columns = "sequential_id, trade_price, trade_volume, best_ask_size, timestamp, received_at"
+    try:
+        before = datetime.now(UTC)
+        anyio.run(record, schema, "binary")
+        after = datetime.now(UTC)
+        anyio.run(record, text_schema, "text")
+        binary = query(f'SELECT {columns} FROM "{schema}".trades ORDER BY id')
+        text = query(f'SELECT {columns} FROM "{text_schema}".trades ORDER BY id')
+    finally:
+        with psycopg.connect(DSN, autocommit=True) as db:
+            db.execute(f'DROP SCHEMA IF EXISTS "{text_schema}" CASCADE'.encode())
+    assert len(binary) == len(text) == len(trades)
+    for trade, got, expected in zip(trades, binary, text, strict=True):
+        assert got[0] == trade.sequential_id
+        assert got[1] == Decimal(repr(trade.trade_price))
+        assert got[2] == Decimal(repr(trade.trade_volume))
+        size = trade.best_ask_size
+        assert got[3] == (None if size is None else Decimal(repr(size)))
+        assert got[4] == datetime.fromtimestamp(trade.timestamp / 1000, UTC)
+        assert before <= got[5] <= after
+        # The same digits and scale as the server's own parsing of the text.
+        assert [str(v) for v in got[:5]] == [str(v) for v in expected[:5]]

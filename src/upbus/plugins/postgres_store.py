@@ -23,9 +23,15 @@ stored by its shortest decimal form, the digits the exchange sent), times
 ``boolean``, nested values ``jsonb``. Every table with a ``code`` has an index on
 ``(code, timestamp)``.
 
-Rows are written with text-format ``COPY``, one transaction per batch, by the
-writer thread of :class:`~upbus.plugins.recording.BatchRecorder`, with its
-guarantees: accepted == written + lost once closed. When a batch fails because the
+Rows are written with binary ``COPY``, one transaction per batch, by the writer
+thread of :class:`~upbus.plugins.recording.BatchRecorder`, with its guarantees:
+accepted == written + lost once closed. A row is the message's own values, picked in
+C: dumpers on the store's connection (:func:`register_dumpers`) turn exchange
+milliseconds and ``received_at`` seconds into ``timestamptz`` and nested values into
+``jsonb``, and a float is the ``numeric`` of its ``repr`` (the shortest decimal that
+reads back as the same float: 0.1 is 0.1), encoded once per distinct value, since
+prices repeat. ``copy_format="text"`` writes text ``COPY`` instead (for comparison,
+or columns an operator retyped). When a batch fails because the
 connection is lost (a server restart, a terminated backend), the writer reconnects
 and writes the same batch again, up to ``write_retries`` times with a doubling
 back-off; if the failure came after the server committed, the rows are found by
@@ -34,13 +40,17 @@ their ids and not written twice.
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
+import struct
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import msgspec
@@ -124,6 +134,95 @@ def connect(dsn: str, application_name: str = "upbus") -> psycopg.Connection[Any
         ) from None
 
 
+# -- binary values -----------------------------------------------------------------------
+
+CopyFormat = Literal["binary", "text"]
+
+# PostgreSQL's binary timestamptz counts microseconds from 2000-01-01 UTC.
+_PG_EPOCH_S = 946_684_800
+_PG_EPOCH_MS = _PG_EPOCH_S * 1000
+_INT8 = struct.Struct(">q").pack
+
+
+@functools.cache
+def _decimal_to_numeric() -> Callable[[Decimal], Any]:
+    import psycopg
+    from psycopg.adapt import PyFormat
+
+    # psycopg's own encoder (its C one, with the binary extra) of a Decimal.
+    return psycopg.adapters.get_dumper(Decimal, PyFormat.BINARY)(Decimal).dump
+
+
+def numeric_binary(value: float | Decimal) -> bytes:
+    """The binary ``numeric`` of ``value``; a float is the decimal of its ``repr``.
+
+    ``repr`` is the shortest decimal that reads back as the same float, i.e. the
+    digits the exchange sent: 0.1 is stored as 0.1, not 0.1000000000000000055….
+    """
+    exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    return bytes(_decimal_to_numeric()(exact))
+
+
+class _NumericEncodings(dict[float | None, bytes | None]):
+    """Binary ``numeric`` by float, filled on a miss and emptied when full.
+
+    A price, a previous close or a 52-week high repeats across messages, and a
+    lookup (in C, through ``map``) is much cheaper than encoding again. ``None`` is
+    ``NULL``.
+    """
+
+    SIZE = 1 << 16
+
+    def __missing__(self, key: float | None) -> bytes | None:
+        if len(self) >= self.SIZE:
+            self.clear()
+        value = self[key] = None if key is None else numeric_binary(key)
+        return value
+
+
+@functools.cache
+def _dumpers() -> tuple[type[Any], ...]:
+    from psycopg.adapt import Dumper
+    from psycopg.postgres import types
+    from psycopg.pq import Format
+
+    class TimestampDumper(Dumper):
+        """Unix milliseconds (int, the exchange's times) or seconds (float,
+        ``received_at``) as binary ``timestamptz``."""
+
+        format = Format.BINARY
+        oid = types["timestamptz"].oid
+
+        def dump(self, obj: Any) -> bytes:
+            if type(obj) is int:
+                return _INT8((obj - _PG_EPOCH_MS) * 1000)
+            return _INT8(round((obj - _PG_EPOCH_S) * 1_000_000))
+
+    class JsonbDumper(Dumper):
+        """A nested value (orderbook units, assets) as binary ``jsonb``."""
+
+        format = Format.BINARY
+        oid = types["jsonb"].oid
+
+        def dump(self, obj: Any) -> bytes:
+            return b"\x01" + msgspec.json.encode(obj)  # format version 1, then JSON text
+
+    return TimestampDumper, JsonbDumper
+
+
+def register_dumpers(connection: psycopg.Connection[Any]) -> None:
+    """Make binary ``COPY`` with ``set_types`` on ``connection`` take what
+    :meth:`_Table.row` gives: Unix ms or s for ``timestamptz``, nested values for
+    ``jsonb``, encoded ``numeric`` as ``bytea``. Only typed ``COPY`` uses them (they
+    are registered by oid only), so queries on the connection adapt values as usual."""
+    from psycopg.types.string import BytesBinaryDumper
+
+    # By oid, psycopg would pick the pure-Python dumper of psycopg.Binary for bytea.
+    connection.adapters.register_dumper(None, BytesBinaryDumper)
+    for dumper in _dumpers():
+        connection.adapters.register_dumper(None, dumper)
+
+
 # -- tables ------------------------------------------------------------------------------
 
 
@@ -153,8 +252,28 @@ def _column(field: mi.Field) -> _Column:
     return _Column(field.name, "jsonb", "json", field.required)
 
 
+_COPY_TYPE = {
+    "numeric": "numeric",
+    "timestamptz": "timestamptz",
+    "bigint": "int8",
+    "boolean": "bool",
+    "text": "text",
+    "jsonb": "jsonb",
+}
+
+
 def _ms(value: int) -> datetime:
     return datetime.fromtimestamp(value / 1000, UTC)
+
+
+_NUMERIC = _NumericEncodings()
+
+
+def _picker(positions: list[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """The values at ``positions`` as a tuple (``itemgetter`` of one is no tuple)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return lambda values: tuple(values[p] for p in positions)
 
 
 class _Table:
@@ -177,6 +296,22 @@ class _Table:
         self.indexes = indexes
         fields = cls.__struct_fields__
         self._plan = [(fields.index(c.name), c.kind) for c in self.columns]
+        # Binary COPY names the numeric columns last, so a row is two C-level picks
+        # from the message's values, the second mapped through the encodings.
+        numeric = [c for c in self.columns if c.sql_type == "numeric"]
+        other = [c for c in self.columns if c.sql_type != "numeric"]
+        self._pick_other = _picker([fields.index(c.name) for c in other])
+        self._pick_numeric = _picker([fields.index(c.name) for c in numeric])
+        self._binary_columns = (*other, *numeric)
+        #: The types that pick psycopg's dumpers for a binary row (``Copy.set_types``).
+        #: Binary COPY data carries no types: the server reads each field as its
+        #: column's type. "bytea" passes the numeric encodings through unchanged.
+        self.copy_types = (
+            "int8",
+            "timestamptz",
+            *(_COPY_TYPE[c.sql_type] for c in other),
+            *("bytea" for _ in numeric),
+        )
 
     def statements(self, schema: str) -> list[str]:
         table = f'"{schema}"."{self.name}"'
@@ -200,11 +335,21 @@ class _Table:
             )
         return out
 
-    def copy_sql(self, schema: str) -> str:
-        names = ", ".join(f'"{c.name}"' for c in self.columns)
-        return f'COPY "{schema}"."{self.name}" (id, received_at, {names}) FROM STDIN'
+    def copy_sql(self, schema: str, copy_format: CopyFormat = "binary") -> str:
+        binary = copy_format == "binary"
+        columns = self._binary_columns if binary else self.columns
+        names = ", ".join(f'"{c.name}"' for c in columns)
+        options = " (FORMAT BINARY)" if binary else ""
+        return f'COPY "{schema}"."{self.name}" (id, received_at, {names}) FROM STDIN{options}'
 
-    def row(self, ident: int, received_at: float, message: Message) -> list[object]:
+    def row(self, ident: int, received_at: float, message: Message) -> tuple[object, ...]:
+        """The values for binary ``COPY``, converted by the dumpers of :func:`register_dumpers`."""
+        values = msgspec.structs.astuple(message)
+        encoded = map(_NUMERIC.__getitem__, self._pick_numeric(values))
+        return (ident, received_at, *self._pick_other(values), *encoded)
+
+    def text_row(self, ident: int, received_at: float, message: Message) -> list[object]:
+        """The values for text ``COPY``, converted here."""
         values = msgspec.structs.astuple(message)
         out: list[object] = [ident, datetime.fromtimestamp(received_at, UTC)]
         for position, kind in self._plan:
@@ -241,16 +386,21 @@ def _check_schema_name(schema: str) -> str:
     return schema
 
 
+Pending = dict[_Table, list[tuple[int, float, Message]]]
+"""A batch by table: ``(id, received_at, message)`` in order of arrival."""
+
+
 class _PostgresSink:
     """The writer thread's connection; reopened when it is lost."""
 
-    def __init__(self, dsn: str, schema: str, retries: int) -> None:
+    def __init__(self, dsn: str, schema: str, retries: int, copy_format: CopyFormat) -> None:
         self._dsn = dsn
         self._schema = schema
         self._retries = retries
+        self._format = copy_format
         # The schema in the name tells a store's backend apart in pg_stat_activity.
         self._application = f"upbus {schema}"
-        self._db: psycopg.Connection[Any] | None = connect(dsn, self._application)
+        self._db: psycopg.Connection[Any] | None = self._connect()
         try:
             create_schema(self._db, schema)
             self._next_id = self._max_id(self._db) + 1
@@ -258,6 +408,11 @@ class _PostgresSink:
             self._db.close()
             raise
         self.reconnects = 0
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        db = connect(self._dsn, self._application)
+        register_dumpers(db)
+        return db
 
     def _max_id(self, db: psycopg.Connection[Any]) -> int:
         parts = " UNION ALL ".join(
@@ -269,23 +424,23 @@ class _PostgresSink:
     def write(self, items: list[Item]) -> None:
         import psycopg
 
-        rows: dict[_Table, list[list[object]]] = {}
+        # Ids are given once: a retry writes the same rows under the same ids.
+        pending: Pending = {}
         ident = self._next_id
         for received_at, message in items:
-            table = _BY_TYPE[message.type]
-            rows.setdefault(table, []).append(table.row(ident, received_at, message))
+            pending.setdefault(_BY_TYPE[message.type], []).append((ident, received_at, message))
             ident += 1
         self._next_id = ident
         delay = 0.1
         for attempt in range(self._retries + 1):
             try:
                 if self._db is None or self._db.closed:
-                    self._db = connect(self._dsn, self._application)
+                    self._db = self._connect()
                     self.reconnects += 1
                     log.warning("postgres %s: reconnected", where(self._dsn))
-                if attempt and self._committed(self._db, rows):
+                if attempt and self._committed(self._db, pending):
                     return  # the lost acknowledgement was of a commit
-                self._copy(self._db, rows)
+                self._copy(self._db, pending)
                 return
             except (psycopg.OperationalError, PostgresUnreachable) as exc:
                 if attempt == self._retries:
@@ -303,20 +458,24 @@ class _PostgresSink:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _copy(self, db: psycopg.Connection[Any], rows: dict[_Table, list[list[object]]]) -> None:
+    def _copy(self, db: psycopg.Connection[Any], pending: Pending) -> None:
+        binary = self._format == "binary"
         with db.transaction(), db.cursor() as cursor:
-            for table, table_rows in rows.items():
-                with cursor.copy(table.copy_sql(self._schema).encode()) as copy:
-                    for row in table_rows:
-                        copy.write_row(row)
+            for table, rows in pending.items():
+                # Each row is made as it is written, so the server works on the
+                # rows already sent while the next ones are made.
+                make = table.row if binary else table.text_row
+                with cursor.copy(table.copy_sql(self._schema, self._format).encode()) as copy:
+                    if binary:
+                        copy.set_types(table.copy_types)
+                    for ident, received_at, message in rows:
+                        copy.write_row(make(ident, received_at, message))
 
-    def _committed(
-        self, db: psycopg.Connection[Any], rows: dict[_Table, list[list[object]]]
-    ) -> bool:
-        table, table_rows = next(iter(rows.items()))
+    def _committed(self, db: psycopg.Connection[Any], pending: Pending) -> bool:
+        table, rows = next(iter(pending.items()))
         found = db.execute(
             f'SELECT 1 FROM "{self._schema}"."{table.name}" WHERE id = %s'.encode(),
-            (table_rows[0][0],),
+            (rows[0][0],),
         ).fetchone()
         return found is not None
 
@@ -337,12 +496,17 @@ class PostgresStore(BatchRecorder):
         batch_size: int = 500,
         flush_interval: float = 1.0,
         max_pending: int = 10_000,
+        copy_format: CopyFormat = "binary",
     ) -> None:
+        """``copy_format="text"`` writes text ``COPY`` instead: slower, but the server
+        converts each value, so it also fits columns an operator changed to another type."""
+        if copy_format not in ("binary", "text"):
+            raise ValueError(f"copy_format must be 'binary' or 'text', not {copy_format!r}")
         self.schema = _check_schema_name(schema)
         self.path = f"postgresql {where(dsn)} schema {schema}"
         super().__init__(
             self.path,
-            lambda: _PostgresSink(dsn, self.schema, write_retries),
+            lambda: _PostgresSink(dsn, self.schema, write_retries, copy_format),
             batch_size=batch_size,
             flush_interval=flush_interval,
             max_pending=max_pending,
