@@ -213,7 +213,7 @@ SPECIAL = (
         files=(("upbus.toml", "[plugins.console]"),), compare="shape",
     ),
     Special(
-        "docs/plugins.md", "broken       failed", "shell",
+        "docs/plugins.md", "No module named 'no_such_module'", "shell",
         "shows the example plugin and a broken one installed: both are made visible "
         "(entry-point metadata on PYTHONPATH); stdout only: the broken plugin's warning "
         "and its traceback go to stderr, and the table shows the same error",

@@ -34,14 +34,21 @@ def plugins() -> None:
 
     Each plugin is shown with its state, distribution, module and hooks.
     """
-    manager = PluginManager.load(settings_from())
-    for info in manager.report():
-        where = f"{info.distribution} {info.version}" if info.distribution else "-"
-        line = f"{info.name:<12} {info.state:<9} {where:<20} {info.module}"
+    report = PluginManager.load(settings_from()).report()
+    wheres = [f"{i.distribution} {i.version}" if i.distribution else "-" for i in report]
+    # Third-party names and distributions can be of any length: size to the longest.
+    name_width = max((len(info.name) for info in report), default=0)
+    state_width = max((len(info.state) for info in report), default=0)
+    where_width = max((len(where) for where in wheres), default=0)
+    for info, where in zip(report, wheres, strict=True):
+        line = (
+            f"{info.name:<{name_width}}  {info.state:<{state_width}}  "
+            f"{where:<{where_width}}  {info.module}"
+        )
         if info.hooks:
             line += f"  hooks: {', '.join(info.hooks)}"
         if info.error:
-            line += f"\n{'':<12} error: {info.error}"
+            line += f"\n{'':<{name_width}}  error: {info.error}"
         click.echo(line)
 
 
