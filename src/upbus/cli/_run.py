@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import click
 
 from upbus.cli._app import main, run_until_signal, settings_from
+from upbus.cli._live import Rates, bus_view, show_live, status_line, wants_live
 from upbus.cli._otel import otel_option
 from upbus.core._bus import Bus
 from upbus.settings import Settings
@@ -40,8 +41,9 @@ if TYPE_CHECKING:
     type=float,
     default=5.0,
     show_default=True,
-    help="Seconds between status lines.",
+    help="Seconds between status lines (printed without a terminal, or with --plain).",
 )
+@click.option("--plain", is_flag=True, help="Status lines instead of the live view on a terminal.")
 @otel_option
 def run(
     url: str | None,
@@ -50,13 +52,15 @@ def run(
     no_store: bool,
     seconds: float | None,
     status_every: float,
+    plain: bool,
     tracer_provider: TracerProvider | None,
 ) -> None:
     """The main job: the configured plugins on a bus, until stopped.
 
     SIGINT or SIGTERM stops it. SQLite storage is on unless --no-store; every
     enabled recorder (SQLite, JSON Lines, PostgreSQL) writes everything it accepted
-    before the command exits, on a signal too.
+    before the command exits, on a signal too. On a terminal a live view shows the
+    connections, message rates, rate limits and what was stored.
     """
     from upbus.plugins.jsonl_recorder import recorder_for
     from upbus.plugins.postgres_store import store_for as postgres_store_for
@@ -98,10 +102,14 @@ def run(
                     else "not recording"
                 )
                 click.echo(f"upbus running against {settings.public_url}, {where}; Ctrl-C stops")
+                rates = Rates()
                 with anyio.move_on_after(seconds if seconds is not None else math.inf):
+                    if wants_live(plain):
+                        await show_live(lambda: bus_view(bus, recorders, rates=rates))
+                    rates.observe(bus.get_connection_metrics())  # where the first rate starts
                     while True:
                         await anyio.sleep(status_every)
-                        click.echo(_status_line(bus), err=True)
+                        click.echo(status_line(bus, rates), err=True)
         finally:
             # The bus flushed the recorders as it closed (on a signal too); report each.
             for recorder in recorders:
@@ -121,32 +129,3 @@ def _with_store(settings: Settings, path: Path | None, *, enabled: bool) -> Sett
         section["path"] = str(path)
     section.setdefault("path", "upbus.db")
     return settings.model_copy(update={"plugins": {**settings.plugins, "sqlite": section}})
-
-
-_DOING = {
-    "connecting": "connecting",
-    "backoff": "backing off",
-    "gap": "disconnected",
-    "reconnected": "connected",
-    "closed": "closed",
-}
-
-
-def _status_line(bus: Bus) -> str:
-    """What each channel is doing; channels that never tried to connect are left out."""
-    parts = [
-        _channel_status(channel, m)
-        for channel, m in bus.get_connection_metrics().items()
-        if m["state"] != "idle" or m["connects"] or m["connect_failures"]
-    ]
-    return "; ".join(parts) or "waiting for subscriptions"
-
-
-def _channel_status(channel: str, m: dict[str, Any]) -> str:
-    line = (
-        f"{channel}: {_DOING.get(m['state'], m['state'])}, "
-        f"{m['messages_in']} messages, {m['reconnects']} reconnects"
-    )
-    if m["state"] not in ("connected", "reconnected") and m["connect_failures"]:
-        line += f", {m['connect_failures']} failed connects (last: {m['last_error']})"
-    return line
