@@ -98,9 +98,10 @@ TIMEOUT = 30.0  # seconds, for any one run
 WORKERS = 4  # runs at once: most of their time is spent waiting on a socket or a sleep
 RECORDING = "<recording>"  # a file source: a short recording made with `upbus run --sim`
 PROGRAMS = {
-    "upbus", "cat", "echo", "export", "grep", "head", "kill", "mkdir", "sed", "sleep",
-    "test", "[", "timeout", "true", "wait",
+    "upbus", "cat", "echo", "export", "grep", "head", "kill", "mkdir", "nats-server",
+    "python3", "sed", "sleep", "test", "[", "timeout", "true", "wait",
 }  # fmt: skip
+NATS_PORT = "4333"  # the port docs/scale-out.md starts its NATS server on
 SHELL_WORDS = {"do", "done", "else", "fi", "if", "then", "until", "while", "!"}
 
 
@@ -165,7 +166,17 @@ SPECIAL = (
         "its own, named as the text says",
         expect=re.escape('"name": "steady public#1"'),
     ),
+    Special(
+        "docs/scale-out.md", 'get("upstream")', "remote",
+        "run as a remote bus (UPBUS_UPSTREAM=gateway) of a gateway on the simulator, with a "
+        "NATS server of its own",
+    ),
     # -- sh, console
+    Special(
+        "docs/scale-out.md", "python3 chart.py", "shell",
+        "the walk of the page: chart.py is the page's python block of that name",
+        files=(("chart.py", 'print("chart"'),),
+    ),
     Special(
         "docs/configuration.md", "UPBUS_HEARTBEAT_INTERVAL=15 upbus config", "shell",
         "run where the page's pyproject.toml and upbus.toml examples are, as the note "
@@ -237,7 +248,16 @@ SPECIAL = (
         "key shown with the value shown",
         source="examples/upbus-spread-monitor/pyproject.toml",
     ),
+    # -- conf
+    Special(
+        "docs/scale-out.md", "authorization {", "nats-config",
+        "a nats-server configuration: `nats-server -t` must accept it (and "
+        "test_nats_scaleout.py runs a server with it)",
+    ),
     # -- untagged
+    Special(
+        "docs/scale-out.md", "KV upbus_leases", "doc-only", "a diagram",
+    ),
     Special(
         "docs/architecture.md", "SubscriptionManager   one merged state", "doc-only",
         "a diagram",
@@ -581,6 +601,10 @@ def check_python(block: Block, special: Special | None, ctx: Context, kind: str)
 
         if kind == "signal":
             ran = run_until_signalled(ctx, sim, cwd, env)
+        elif kind == "remote":
+            with gateway_for(sim, cwd) as nats_url:
+                remote = {**env, "UPBUS_UPSTREAM": "gateway", "UPBUS_NATS_URL": nats_url}
+                ran = run_bounded([sys.executable, "block.py"], cwd, remote)
         elif kind == "pytest":
             args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
             ran = run_bounded([*args, "test_doc_block.py"], cwd, env)
@@ -599,6 +623,45 @@ def check_python(block: Block, special: Special | None, ctx: Context, kind: str)
     shown = output_after(extract(block.path), block)
     if shown is not None:
         check_shown(block, shown, printed, special)
+
+
+@contextmanager
+def gateway_for(sim: Simulator, cwd: Path) -> Iterator[str]:
+    """A NATS server of its own and a leading ``upbus gateway`` on ``sim``; yields the URL."""
+    from natsserver import NatsServer, require_nats_server
+
+    require_nats_server()
+    server = NatsServer(cwd / "nats")
+    server.start()
+    env = clean_env(
+        UPBUS_NATS_URL=server.url, UPBUS_PUBLIC_URL=sim.public_url, PYTHONUNBUFFERED="1"
+    )
+    gateway = subprocess.Popen(
+        [*UPBUS, "gateway"], cwd=cwd, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert gateway.stdout is not None
+        deadline = time.monotonic() + TIMEOUT / 2
+        while time.monotonic() < deadline:
+            line = gateway.stdout.readline()
+            if not line or line.startswith("leading"):
+                break
+        assert line.startswith("leading"), f"the gateway did not lead: {line!r}"
+        yield server.url
+    finally:
+        gateway.kill()
+        gateway.communicate(timeout=10)
+        server.stop(signal.SIGKILL)
+
+
+def check_nats_config(block: Block, ctx: Context) -> None:
+    from natsserver import BINARY, require_nats_server
+
+    require_nats_server()
+    cwd = ctx.workdir(block)
+    (cwd / "nats.conf").write_text(block.text)
+    ran = run_bounded([BINARY, "-t", "-c", "nats.conf"], cwd, clean_env())
+    assert ran.returncode == 0, f"{block.id}: nats-server refuses it:\n{ran.stdout}{ran.stderr}"
 
 
 def run_until_signalled(ctx: Context, sim: Simulator, cwd: Path, env: dict[str, str]) -> Ran:
@@ -697,8 +760,15 @@ def check_upbus_line(block: Block, line: str) -> None:
 
 
 def reaches_exchange(line: str, exported: set[str]) -> bool:
-    """Whether a line would connect to the real exchange (``upbus watch`` or ``run``)."""
+    """Whether a line would connect to the real exchange (``watch``, ``run``, ``gateway``).
+
+    A remote bus (``UPBUS_UPSTREAM=gateway``) talks to a gateway instead.
+    """
+    if "UPBUS_UPSTREAM=gateway" in line or "UPBUS_UPSTREAM" in exported:
+        return False
     for subcommand, options in upbus_invocations(line):
+        if subcommand == "gateway" and not {"--sim", "--url"} & set(options):
+            return True
         if subcommand == "watch" and "--url" not in options and "UPBUS_PUBLIC_URL" not in exported:
             return True
         if subcommand == "run" and not {"--sim", "--url"} & set(options):
@@ -747,6 +817,9 @@ def rewrite(line: str, sim: Simulator | None) -> str:
         if subcommand == "sim":
             stop = r"timeout -s TERM 2 upbus\1"
             line = re.sub(r"(?<![\w/.-])upbus((?:\s+-v+)?\s+sim)\b", stop, line)
+        if subcommand == "gateway":
+            stop = r"timeout -s TERM 6 upbus\1"
+            line = re.sub(r"(?<![\w/.-])upbus((?:\s+-v+)?\s+gateway)\b", stop, line)
     return line
 
 
@@ -776,7 +849,7 @@ def check_shell(block: Block, special: Special | None, ctx: Context) -> None:
         if source == RECORDING:
             target.write_bytes((ctx.recording() / target.name).read_bytes())
         else:
-            (found,) = [b for b in extract(block.path) if source in b.text and b.lang == "toml"]
+            (found,) = [b for b in extract(block.path) if source in b.text and b is not block]
             target.write_text(found.text)
 
     exported: set[str] = set()
@@ -800,6 +873,29 @@ def check_shell(block: Block, special: Special | None, ctx: Context) -> None:
 
     uses_sim = any(_SIM_URL.search(command) for command, _ in runnable)
     env = clean_env(PYTHONUNBUFFERED="1")
+    if "nats-server" in block.text:
+        from natsserver import free_port, require_nats_server
+
+        require_nats_server()
+        # The page's port may be taken (by another block's server, still stopping): a free one.
+        port = str(free_port())
+        runnable = [(command.replace(NATS_PORT, port), shown) for command, shown in runnable]
+    ran = _run_shell(block, special, ctx, cwd, runnable, exported, env, uses_sim, then)
+    check_shell_output(block, special, cwd, runnable, exported, console, ran)
+
+
+def _run_shell(
+    block: Block,
+    special: Special | None,
+    ctx: Context,
+    cwd: Path,
+    runnable: list[tuple[str, list[str]]],
+    exported: set[str],
+    env: dict[str, str],
+    uses_sim: bool,
+    then: str | None,
+) -> Ran:
+    console = block.lang == "console"
     if special and special.installed:
         env["PYTHONPATH"] = ctx.pythonpath(special.installed)
     with ctx.simulator() if uses_sim else _nothing() as sim:
@@ -816,8 +912,18 @@ def check_shell(block: Block, special: Special | None, ctx: Context) -> None:
         if then:
             script.append(then)
         (cwd / "block.sh").write_text("\n".join(script) + "\n")
-        ran = run_bounded(["bash", "block.sh"], cwd, env)
+        return run_bounded(["bash", "block.sh"], cwd, env)
 
+
+def check_shell_output(
+    block: Block,
+    special: Special | None,
+    cwd: Path,
+    runnable: list[tuple[str, list[str]]],
+    exported: set[str],
+    console: bool,
+    ran: Ran,
+) -> None:
     output = ran.stdout
     assert "Traceback" not in output, f"{block.id}: a traceback:\n{output}"
     if not console:
@@ -938,8 +1044,10 @@ def check_jsonl_line(block: Block, ctx: Context) -> None:
 def check(block: Block, ctx: Context) -> None:
     kind = how(block)
     special = special_for(block)
-    if kind in ("run", "fragment", "plugin", "pytest", "signal"):
+    if kind in ("run", "fragment", "plugin", "pytest", "signal", "remote"):
         check_python(block, special, ctx, kind)
+    elif kind == "nats-config":
+        check_nats_config(block, ctx)
     elif kind == "shell":
         check_shell(block, special, ctx)
     elif kind == "settings":

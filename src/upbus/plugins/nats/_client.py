@@ -102,9 +102,18 @@ async def connect(
 
 
 async def bucket(client: Client, name: str, *, history: int = 1) -> KeyValue:
-    """The KV bucket ``name``, created if missing (creating an existing one is harmless)."""
+    """The KV bucket ``name``, created if missing.
+
+    Looked up first, so a user whose NATS permissions allow using the bucket but
+    not creating streams (a remote bus's, docs/scale-out.md) needs no more.
+    """
+    from nats.js.errors import BucketNotFoundError
+
     js = client.jetstream(timeout=5)
-    return await js.create_key_value(bucket=name, history=history)
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=name, history=history)
 
 
 def shown_url(urls: str) -> str:

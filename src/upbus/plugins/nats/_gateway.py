@@ -187,17 +187,18 @@ class Gateway:
                 await client.close()
 
     async def _connect(self) -> Client:
-        warned = False
+        # A server started at the same moment gets a few seconds before a warning.
+        warn_at = time.monotonic() + 3
         while True:
             try:
                 return await connect(
                     self.settings, f"upbus gateway {self.id}", on_reconnect=self._nats_back
                 )
             except NatsUnavailable as exc:
-                if not warned:
-                    warned = True
+                if warn_at and time.monotonic() >= warn_at:
+                    warn_at = 0
                     log.warning("%s; retrying until it answers", exc)
-                await anyio.sleep(1)
+                await anyio.sleep(0.2)
 
     # -- leadership ---------------------------------------------------------------
 

@@ -152,7 +152,9 @@ class Leadership:
         self._on_change(epoch)
 
     def _step_down(self, why: str) -> None:
-        log.warning("gateway %s stops leading: %s", self.gateway, why)
+        # Resigning is the normal way out; losing the lead is worth a warning.
+        level = logging.INFO if why == "resigned" else logging.WARNING
+        log.log(level, "gateway %s stops leading: %s", self.gateway, why)
         self.epoch = None
         self.leader = None
         self._seen_revision = None
