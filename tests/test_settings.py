@@ -493,3 +493,78 @@ def test_websocket_urls_are_accepted(tmp_path: Path, url: str) -> None:
 @pytest.mark.parametrize("url", ["http://api.upbit.com", "api.upbit.com", "wss://"])
 def test_other_urls_are_rejected(tmp_path: Path, url: str) -> None:
     assert "must be a ws:// or wss:// URL" in config_error(_cwd=tmp_path, private_url=url)
+
+
+# --- credentials in URLs --------------------------------------------------------
+
+
+def test_upbus_config_shows_urls_with_the_password_masked(tmp_path: Path) -> None:
+    from clirun import run_upbus
+
+    env = {
+        "UPBUS_PLUGINS__POSTGRES__DSN": f"postgresql://rec:{SECRET}@db.example:5433/ticks",
+        "UPBUS_NATS_URL": f"nats://bus:{SECRET}@n1:4222,nats://bus:{SECRET}2@n2:4222",
+    }
+    result = run_upbus("config", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()}
+    assert rows["plugins.postgres.dsn"] == "'postgresql://rec:****@db.example:5433/ticks'"
+    assert rows["nats_url"] == "'nats://bus:****@n1:4222,nats://bus:****@n2:4222'"
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("postgresql://rec:pw@db/ticks", "postgresql://rec:****@db/ticks"),
+        ("postgresql://rec@db/ticks", "postgresql://rec@db/ticks"),
+        ("postgresql://rec:pw@h1:5432,h2:5432/t", "postgresql://rec:****@h1:5432,h2:5432/t"),
+        ("postgresql://db/t?user=rec&password=pw", "postgresql://db/t?user=rec&password=****"),
+        ("host=db user=rec password=pw dbname=t", "host=db user=rec password=**** dbname=t"),
+        ("host=db password='p w' dbname=t", "host=db password=**** dbname=t"),
+        ("nats://a:pw@n1:4222, tls://b:pw@n2", "nats://a:****@n1:4222, tls://b:****@n2"),
+        ("nats://s3cr3t-token@n1:4222", "nats://****@n1:4222"),
+        ("postgresql://rec:p@w@db/t", "postgresql://rec:****@db/t"),  # an unencoded "@"
+        ("wss://api.upbit.com/websocket/v1", "wss://api.upbit.com/websocket/v1"),
+        (
+            "postgresql://db:5432/t?application_name=a@b",
+            "postgresql://db:5432/t?application_name=a@b",
+        ),
+    ],
+)
+def test_credentials_in_a_url_or_dsn_are_masked_and_the_rest_kept(raw: str, shown: str) -> None:
+    from upbus.settings.sources import mask_credentials
+
+    assert mask_credentials(raw) == shown
+
+
+def test_a_dsn_password_is_masked_in_the_settings_repr(tmp_path: Path) -> None:
+    dsn = f"postgresql://rec:{SECRET}@db.example/ticks"
+    settings = load_settings(_cwd=tmp_path, plugins={"postgres": {"dsn": dsn}})
+    assert settings.plugins["postgres"]["dsn"] == dsn  # the value itself is intact
+    for text in (repr(settings), str(settings)):
+        assert SECRET not in text
+        assert "postgresql://rec:****@db.example/ticks" in text
+
+
+def test_an_invalid_url_is_named_without_its_password(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_cwd=tmp_path, nats_url=f"http://bus:{SECRET}@n1:4222")
+    message = str(info.value)
+    assert "invalid setting nats_url = 'http://bus:****@n1:4222' (from argument)" in message
+    assert SECRET not in "".join(traceback.format_exception(info.value))
+
+
+def test_an_invalid_plugin_setting_beside_a_dsn_does_not_show_its_password(
+    tmp_path: Path,
+) -> None:
+    from upbus.plugins.postgres_store import PostgresSettings
+
+    section = {"dsn": f"postgresql://rec:{SECRET}@db/t", "batch_size": 0, "dns": "typo"}
+    settings = load_settings(_cwd=tmp_path, plugins={"postgres": section})
+    with pytest.raises(ConfigError) as info:
+        settings.plugin_section("postgres", PostgresSettings)
+    message = str(info.value)
+    assert "invalid setting plugins.postgres.batch_size = 0 (from argument)" in message
+    assert "unknown setting 'plugins.postgres.dns' (from argument)" in message
+    assert SECRET not in "".join(traceback.format_exception(info.value))

@@ -33,6 +33,7 @@ __all__ = (
     "ENV_PREFIX",
     "MASK",
     "NOT_SETTINGS",
+    "PASSWORD_MASK",
     "PYPROJECT_LABEL",
     "EnvLayer",
     "Layer",
@@ -45,6 +46,7 @@ __all__ = (
     "dotted",
     "leaves",
     "mask",
+    "mask_credentials",
     "origin",
 )
 
@@ -59,11 +61,24 @@ _CLOSE_ENOUGH = 0.6
 USER_FILE = "upbus.toml"
 PYPROJECT_LABEL = "pyproject.toml [tool.upbus]"
 MASK = "**********"
+#: What stands for the password in a URL or a ``password=`` parameter.
+PASSWORD_MASK = "****"
 
 Loc = tuple[str | int, ...]
 
 # Plugin sections are free-form dicts, so their secrets can only be recognised by name.
 _SECRET_NAME = re.compile(r"secret|passw|token|key|credential", re.IGNORECASE)
+# A URL runs to whitespace, or to a comma that starts the next URL of a list
+# (``nats://a@h1,nats://b@h2``); a comma inside one (libpq's ``h1,h2`` hosts) does not
+# end it.
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*://"
+_URL = re.compile(rf"(?P<scheme>{_SCHEME})(?P<rest>(?:(?!,{_SCHEME})\S)*)")
+# libpq takes a password as a key=value word or a URL query parameter too.
+_PASSWORD_PARAMETER = re.compile(
+    r"(?P<key>\bpassword\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^\s&',]+)", re.IGNORECASE
+)
+# In these, a user with no password is a token (``nats://TOKEN@host``).
+_TOKEN_SCHEMES = ("nats://", "tls://")
 
 
 @dataclass(frozen=True)
@@ -278,7 +293,8 @@ def _mentions_secret(annotation: Any) -> bool:
 
 
 def mask(value: Any) -> Any:
-    """``value`` with the values of secret-looking keys masked, at any depth."""
+    """``value`` with the values of secret-looking keys masked, and the credentials
+    in its text (:func:`mask_credentials`), at any depth."""
     if isinstance(value, Mapping):
         return {
             key: MASK if isinstance(key, str) and _SECRET_NAME.search(key) else mask(item)
@@ -286,7 +302,38 @@ def mask(value: Any) -> Any:
         }
     if isinstance(value, list | tuple):
         return type(value)(mask(item) for item in value)
+    if isinstance(value, str):
+        return mask_credentials(value)
     return value
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with the password of every URL in it shown as ``****``, the rest kept.
+
+    ``postgresql://user:secret@db:5432/x`` becomes ``postgresql://user:****@db:5432/x``;
+    each URL of a comma-separated list is masked; a NATS token
+    (``nats://TOKEN@host``) becomes ``nats://****@host``; and a libpq ``password=``
+    (``host=db password=secret``, ``…/x?password=secret``) ``password=****``.
+    """
+    return _PASSWORD_PARAMETER.sub(
+        lambda found: found["key"] + PASSWORD_MASK, _URL.sub(_mask_url, text)
+    )
+
+
+def _mask_url(found: re.Match[str]) -> str:
+    scheme, rest = found["scheme"], found["rest"]
+    # An "@" in the query or fragment is no user information; one in the path may be
+    # of a password that should have been percent-encoded, so it counts.
+    userinfo, at, _ = re.split(r"[?#]", rest, maxsplit=1)[0].rpartition("@")
+    if not at:
+        return found[0]
+    address = rest[len(userinfo) + 1 :]
+    user, colon, _password = userinfo.partition(":")
+    if colon:
+        return f"{scheme}{user}:{PASSWORD_MASK}@{address}"
+    if scheme.lower() in _TOKEN_SCHEMES:
+        return f"{scheme}{PASSWORD_MASK}@{address}"
+    return found[0]
 
 
 def describe_errors(
@@ -309,5 +356,7 @@ def describe_errors(
             lines.append(f"unknown setting {name!r} (from {source})")
         else:
             value = display(model, loc, error["input"])
-            lines.append(f"invalid setting {name} = {value} (from {source}): {error['msg']}")
+            # A validator's message may quote the value it refused.
+            reason = mask_credentials(error["msg"])
+            lines.append(f"invalid setting {name} = {value} (from {source}): {reason}")
     return "\n".join(lines)
