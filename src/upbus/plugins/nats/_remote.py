@@ -99,6 +99,7 @@ class RemoteTransport:
         self._warned = False
         # The leader record a connection ended on for silence: not to be bound to again.
         self.silent: tuple[str, int] | None = None
+        self.current: RemoteConnection | None = None
 
     def status(self) -> dict[str, Any]:
         """What ``get_connection_metrics()`` shows as the channel's ``upstream``."""
@@ -121,6 +122,7 @@ class RemoteTransport:
         self._state = "connected"
         conn = RemoteConnection(self, client, self._leases, self._gateway, leader, revision)
         await conn.start()
+        self.current = conn
         return conn
 
     async def _ensure_client(self) -> Client:
@@ -148,8 +150,11 @@ class RemoteTransport:
         return client
 
     async def _on_disconnected(self) -> None:
-        # nats-py reconnects by itself; a connection over it must end meanwhile.
+        # nats-py reconnects by itself, but what was published meanwhile is lost to
+        # us: the components must hear of the gap, however short.
         self._lost.set()
+        if self.current is not None:
+            self.current.end("the connection to NATS was lost")
 
     async def _on_reconnected(self) -> None:
         self._lost.clear()
@@ -164,7 +169,13 @@ class RemoteTransport:
         first: int | None = None
         self._state = "waiting for a gateway"
         while True:
-            entry = await _get(kv, LEADER_KEY)
+            try:
+                entry = await _get(kv, LEADER_KEY)
+            except Exception as exc:  # NATS is away; nats-py is reconnecting
+                log.debug("leader not read: %s", exc)
+                self._state = "NATS unreachable"
+                await asyncio.sleep(0.2)
+                continue
             if entry is not None:
                 record, revision = entry
                 fresh = abs(time.time() - float(record.get("at", 0))) <= ttl + CLOCK_SLACK
@@ -279,6 +290,8 @@ class RemoteConnection:
         return time.monotonic() - started
 
     async def aclose(self, code: int = 1000) -> None:
+        if self._transport.current is self:
+            self._transport.current = None
         if self._closed is None:
             self._closed = ConnectionClosed(code, "closed by the bus")
         self._ready.set()
@@ -325,7 +338,7 @@ class RemoteConnection:
             return
         self._frames.append(msg.data)
         if len(self._frames) > MAX_PENDING:
-            self._end(f"the bus fell {MAX_PENDING} frames behind the gateway")
+            self.end(f"the bus fell {MAX_PENDING} frames behind the gateway")
         self._ready.set()
 
     async def _on_event(self, msg: Msg) -> None:
@@ -335,9 +348,10 @@ class RemoteConnection:
             return
         if event.get("channel") == self._transport.channel.value and event.get("state") == "gap":
             # The leader's own connection broke: components must hear of the gap too.
-            self._end(f"the gateway's connection had a gap: {event.get('detail', '')}")
+            self.end(f"the gateway's connection had a gap: {event.get('detail', '')}")
 
-    def _end(self, reason: str) -> None:
+    def end(self, reason: str) -> None:
+        """End the connection: the next receive raises ConnectionClosed with ``reason``."""
         if self._closed is None:
             log.info("%s: %s", self._transport.channel.value, reason)
             self._closed = ConnectionClosed(None, reason)
@@ -363,7 +377,7 @@ class RemoteConnection:
         while self._closed is None:
             await asyncio.sleep(min(0.1, ttl / 4))
             if self._transport.lost():
-                self._end("the connection to NATS was lost")
+                self.end("the connection to NATS was lost")
                 return
             now = time.monotonic()
             if now >= next_renewal and self._lease is not None:
@@ -379,17 +393,17 @@ class RemoteConnection:
                 log.debug("leader not read: %s", exc)
                 continue
             if entry is None:
-                self._end("the gateway stopped leading")
+                self.end("the gateway stopped leading")
                 return
             record, revision = entry
             if str(record.get("epoch")) != self.epoch:
-                self._end(f"gateway {record.get('gateway')} leads now")
+                self.end(f"gateway {record.get('gateway')} leads now")
                 return
             if revision != self._revision:
                 self._revision, self._revision_seen = revision, now
             elif now - self._revision_seen > ttl:
                 self._transport.silent = (self.epoch, revision)
-                self._end(f"the leading gateway has not renewed its lead for {ttl} s")
+                self.end(f"the leading gateway has not renewed its lead for {ttl} s")
                 return
 
 
