@@ -232,6 +232,29 @@ async def test_a_back_off_in_one_process_makes_the_others_wait(nats_server: Nats
     assert other.status()["back_offs"] == 0  # the wait came from the shared block
 
 
+@pytest.mark.anyio
+async def test_wait_takes_nothing_and_max_wait_expires_with_nothing_taken(
+    nats_server: NatsServer,
+) -> None:
+    shared = nats_settings(nats_server.url)
+    filler, other = (SharedConnectLimiter(shared, "ip", fast_local()) for _ in range(2))
+    async with watching(nats_server.url, filler.key) as values:
+        for _ in range(5):
+            assert await filler.acquire() == 0.0
+        await values.wait_for(lambda: len(values.grants()) == 5)
+
+        with pytest.raises(upbus.LimiterWaitExpired):
+            await other.acquire(max_wait=0.05)  # the window is full for 0.35 s
+        waited = await other.wait()
+        assert 0.0 < waited < 1.0
+        assert await other.acquire() == 0.0  # wait() left the slot it found free
+        await values.wait_for(lambda: len(values.grants()) == 6)
+    status = other.status()
+    assert status["expired"] == 1
+    assert status["granted_shared"] == 1
+    assert status["waits"] == 1
+
+
 # -- (c) without NATS --------------------------------------------------------------
 
 

@@ -275,7 +275,7 @@ class SharedConnectLimiter:
 
         ``shared`` is False while NATS is unreachable (``outage`` says why) and
         grants come from this process's limiter alone. ``host_used`` is the number
-        of the host's grants in the window at the last read of the budget;
+        of the host's grants in the (first) window at the last read or grant;
         ``nats_seconds_last`` what the last shared grant spent on NATS, from
         connect to close, waits for a slot left out.
         """
@@ -383,7 +383,7 @@ class SharedConnectLimiter:
                 current, revision = await store.read()
                 wall = self._wall()
                 merged = self._merge_unpublished(current, wall)
-                self._host_used = sum(1 for t in merged.grants if wall - t <= self.windows[0][1])
+                self._host_used = self._in_window(merged, wall)
                 self._blocked_seen = merged.blocked_until
                 needed = max(
                     budget_delay(merged, self.windows, wall, max_block=self.local.backoff_max),
@@ -401,6 +401,7 @@ class SharedConnectLimiter:
                     self._unpublished_grants.clear()
                     self._unpublished_block = -math.inf
                     if needed <= 0.0:
+                        self._host_used = self._in_window(new, wall)
                         self._take_locally()
                         break
                     continue
@@ -416,6 +417,10 @@ class SharedConnectLimiter:
         # Closing the connection included: what the caller pays over a local grant.
         self._nats_seconds_last = max(0.0, clock.now() - began - asleep)
         return slept
+
+    def _in_window(self, budget: SharedBudget, wall: float) -> int:
+        period = self.windows[0][1]
+        return sum(1 for t in budget.grants if 0.0 <= wall - t <= period)
 
     def _merge_unpublished(self, current: SharedBudget, wall: float) -> SharedBudget:
         """``current`` with this process's unpublished back-off and grants in it."""
