@@ -424,3 +424,78 @@ async def test_a_gateway_without_publish_private_serves_no_private_data(
             await component.wait_for(lambda: len(component.messages()) >= 10, 15)
             assert {m.type for _t, m in component.messages()} == {"ticker"}
             assert not any(c.endpoint == "private" for c in sim.connections)
+
+
+def permissions_config(store: Path, port: int) -> str:
+    """docs/scale-out.md's server configuration, on ``port``, with Bob added like Alice."""
+    from docs_blocks import extract
+
+    (block,) = [b for b in extract("docs/scale-out.md") if "authorization {" in b.text]
+    text = block.text.replace("127.0.0.1:4222", f"127.0.0.1:{port}")
+    text = text.replace('store_dir: "nats-store"', f'store_dir: "{store}"')
+    alice = text[text.index("    {\n      user: alice") : text.rindex("    }\n") + 6]
+    bob = alice.replace("alice", "bob")
+    return text.replace(alice, alice + bob)
+
+
+async def test_the_documented_permissions_keep_one_accounts_orders_its_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from natsserver import BINARY, free_port, require_nats_server
+    from simbus import ACCESS, SECRET, funded_config
+
+    require_nats_server()
+    port = free_port()
+    (tmp_path / "nats.conf").write_text(permissions_config(tmp_path / "store", port))
+    server = await anyio.open_process(
+        [BINARY, "-c", str(tmp_path / "nats.conf"), "-l", str(tmp_path / "nats.log")]
+    )
+
+    def url(user: str) -> str:
+        return f"nats://{user}:{user}-secret@127.0.0.1:{port}"
+
+    try:
+        async with Simulator(funded_config(rate=20.0)) as sim, processes() as start:
+            env = {
+                **gateway_env(NatsServer(tmp_path, port), sim),
+                "UPBUS_NATS_URL": url("gateway"),
+                "UPBUS_ACCESS_KEY": ACCESS,
+                "UPBUS_SECRET_KEY": SECRET,
+                "UPBUS_NATS__PUBLISH_PRIVATE": "true",
+                "UPBUS_NATS__ACCOUNT": "alice",
+            }
+            gateway = await start([*UPBUS, "gateway"], "gateway", env)
+            await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+            settings = {"upstream": "gateway", "autoload_plugins": False}
+            async with (
+                upbus.Bus(**settings, nats_url=url("alice"), nats={"account": "alice"}) as alice,
+                upbus.Bus(**settings, nats_url=url("bob"), nats={"account": "alice"}) as bob,
+            ):
+                mine, stolen = Collector(), Collector()
+                await alice.register_component(mine, [upbus.my_order(), upbus.ticker("KRW-BTC")])
+                await bob.register_component(stolen, [upbus.my_order(), upbus.ticker("KRW-BTC")])
+                await mine.wait_for(
+                    lambda: any(m.type == "ticker" for _t, m in mine.messages()), 15
+                )
+                await stolen.wait_for(
+                    lambda: any(m.type == "ticker" for _t, m in stolen.messages()), 15
+                )
+                await sim.wait_until(
+                    lambda: any(
+                        r.endpoint == "private" and isinstance(r.parsed, Subscribe)
+                        for r in sim.requests
+                    ),
+                    10,
+                )
+                order = sim.place_order(ACCESS, "KRW-BTC", "BID", "limit", price="1000", volume="1")
+                sim.cancel_order(order)
+                await mine.wait_for(
+                    lambda: sum(m.type == "myOrder" for _t, m in mine.messages()) >= 2, 10
+                )
+                # Bob reads market data, and Alice's orders not at all.
+                assert not [m for _t, m in stolen.messages() if m.type == "myOrder"]
+                refusals = [r.getMessage().lower() for r in caplog.records]
+                assert any("permissions violation" in r and ".alice." in r for r in refusals)
+    finally:
+        server.kill()
+        await server.wait()

@@ -73,8 +73,12 @@ async def connect(
     credentials = settings.nats.credentials
 
     async def quiet(exc: Exception) -> None:
-        # nats-py reports every failed reconnect attempt; the state is ours to report.
-        log.debug("%s: %s", name, exc)
+        # nats-py reports every failed reconnect attempt: the state is ours to report.
+        # A refusal by the server's permissions is a configuration error, though.
+        if "permissions violation" in str(exc).lower():
+            log.error("%s: NATS refused: %s", name, exc)
+        else:
+            log.debug("%s: %s", name, exc)
 
     try:
         # With reconnecting on, nats-py retries a first connect forever; the caller
