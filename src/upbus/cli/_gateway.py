@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
+import anyio
 import click
 
 from upbus.cli._app import main, run_until_signal, settings_from
+
+if TYPE_CHECKING:
+    from upbus.plugins.nats._gateway import Gateway
 
 
 @main.command()
 @click.option("--nats", "nats_url", help="NATS server URL(s) (default: the setting nats_url).")
 @click.option("--sim", "use_sim", is_flag=True, help="Serve an embedded local simulator.")
 @click.option("--url", help="Public WebSocket URL (default: the setting public_url).")
-def gateway(nats_url: str | None, use_sim: bool, url: str | None) -> None:
+@click.option(
+    "--status-every",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds between status lines on stderr.",
+)
+def gateway(nats_url: str | None, use_sim: bool, url: str | None, status_every: float) -> None:
     """Serve remote buses (upstream = gateway) over NATS.
 
     Several gateways on one NATS elect one leader; the others stand by and take
@@ -40,6 +52,30 @@ def gateway(nats_url: str | None, use_sim: bool, url: str | None) -> None:
                 used = settings.model_copy(
                     update={"public_url": exchange.public_url, "private_url": exchange.private_url}
                 )
-            await Gateway(used, on_status=say).run()
+            server = Gateway(used, on_status=say)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(report, server)
+                await server.run()
+                tg.cancel_scope.cancel()
+
+    async def report(server: Gateway) -> None:
+        while True:
+            await anyio.sleep(status_every)
+            click.echo(status_line(server), err=True)
 
     run_until_signal(body)
+
+
+def status_line(server: Gateway) -> str:
+    """The gateway's role, leases and what it published, then its channels' states."""
+    status = server.status()
+    role = f"leading (epoch {status['epoch']})" if status["leading"] else "standing by"
+    line = (
+        f"{role}: {status['leases']} leases, {status['published']} published, "
+        f"{status['dropped']} dropped"
+    )
+    if server.bus is not None:
+        for channel, metrics in server.bus.get_connection_metrics().items():
+            if metrics["connects"] or metrics["state"] != "idle":
+                line += f"; {channel}: {metrics['state']}, {metrics['messages_in']} messages"
+    return line

@@ -159,6 +159,10 @@ class RemoteTransport:
     async def _on_reconnected(self) -> None:
         self._lost.clear()
 
+    def ended(self, reason: str) -> None:
+        """The current connection ended: say so in the status until the next one."""
+        self._state = f"reconnecting ({reason})"
+
     def lost(self) -> bool:
         return self._lost.is_set()
 
@@ -354,6 +358,7 @@ class RemoteConnection:
         """End the connection: the next receive raises ConnectionClosed with ``reason``."""
         if self._closed is None:
             log.info("%s: %s", self._transport.channel.value, reason)
+            self._transport.ended(reason)
             self._closed = ConnectionClosed(None, reason)
         self._ready.set()
 
