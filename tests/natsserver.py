@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from required import skip_unless_required
 
 BINARY = "nats-server"

@@ -175,7 +175,10 @@ def test_an_unreadable_value_counts_as_empty_and_keys_are_valid(
         assert SharedBudget.decode(b"not json") == SharedBudget()
     assert "unreadable" in caplog.text
     assert SharedBudget.decode(b"") == SharedBudget()
-    assert budget_key("gw-1", "account:0123abcd") == "connect.gw-1.account_0123abcd"
+    # Per IP for public connects; one budget per account across hosts for private ones.
+    assert budget_key("gw-1", "ip") == "connect.gw-1.ip"
+    assert budget_key("gw-1", "account:0123abcd") == "connect.all.account_0123abcd"
+    assert budget_key("gw-2", "account:0123abcd") == budget_key("gw-1", "account:0123abcd")
 
 
 # -- (b) the compare-and-set under contention ---------------------------------------

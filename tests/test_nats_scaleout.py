@@ -499,3 +499,10 @@ async def test_the_documented_permissions_keep_one_accounts_orders_its_own(
     finally:
         server.kill()
         await server.wait()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_remote_bus_on_trio_is_a_clear_error(nats_server: NatsServer) -> None:
+    with pytest.raises(upbus.ConfigError, match="asyncio only"):
+        async with remote_bus(nats_server):
+            pass

@@ -142,8 +142,15 @@ def grant(budget: SharedBudget, windows: Sequence[tuple[int, float]], now: float
 
 
 def budget_key(host: str, scope: str) -> str:
-    """The KV key of ``scope``'s budget on ``host`` (KV keys allow few characters)."""
+    """The KV key of ``scope``'s budget (KV keys allow few characters).
+
+    The exchange counts public connects per IP, so the ``ip`` budget is per host;
+    it counts authenticated connects per account, wherever they come from, so an
+    ``account:…`` budget is one for every host on the NATS server.
+    """
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in scope)
+    if scope.startswith("account:"):
+        return f"connect.all.{safe}"
     return f"connect.{host}.{safe}"
 
 

@@ -87,6 +87,13 @@ class RemoteTransport:
                 "upstream = 'gateway' needs nats_url: the NATS server the gateways use "
                 "(UPBUS_NATS_URL=nats://host:4222)"
             )
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigError(
+                "a remote bus (upstream = 'gateway') runs on asyncio only: nats-py has no "
+                "trio support"
+            ) from None
         self.channel = channel
         self.settings = settings
         self.key = f"{host_name(settings)}-{os.getpid()}-{secrets.token_hex(4)}-{channel.value}"
