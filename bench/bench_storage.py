@@ -33,7 +33,7 @@ import anyio
 import psycopg
 
 from upbus.plugin import Message, Ticker, Trade
-from upbus.plugins.postgres_store import DEFAULT_DSN, CopyFormat, PostgresStore
+from upbus.plugins.postgres_store import DEFAULT_BATCH_SIZE, DEFAULT_DSN, CopyFormat, PostgresStore
 from upbus.plugins.recording import BatchRecorder
 from upbus.plugins.sqlite_store import SqliteStore
 
@@ -235,6 +235,10 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--batch-size", type=int, nargs="+", default=[500], help="one or more, each a contender"
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[500, DEFAULT_BATCH_SIZE],
+        help="one or more, each a contender (default: 500 and the default, 2000)",
     )
     anyio.run(main, parser.parse_args())

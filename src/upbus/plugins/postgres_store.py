@@ -8,7 +8,7 @@ Needs the ``postgres`` extra (psycopg 3). Enabled by settings; with
     dsn = "postgresql://postgres@127.0.0.1:5432/test"
     schema = "upbus"                 # created if missing, with its tables
     specs = [{type = "ticker", codes = ["KRW-BTC", "KRW-ETH"]}]
-    batch_size = 500                 # messages per COPY and transaction, at most
+    batch_size = 2000                # messages per COPY and transaction, at most
     flush_interval = 1.0
     max_pending = 10000
     write_retries = 8                # reconnects for one batch before it is lost
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from upbus import Bus
 
 __all__ = (
+    "DEFAULT_BATCH_SIZE",
     "DEFAULT_DSN",
     "PostgresSettings",
     "PostgresStore",
@@ -79,6 +80,7 @@ log = logging.getLogger("upbus.plugins.postgres")
 
 NAME = "postgres"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_BATCH_SIZE = 2000
 #: Seconds a connection attempt may take.
 CONNECT_TIMEOUT = 5
 _TIME_FIELDS = frozenset({"timestamp", "trade_timestamp", "order_timestamp", "asset_timestamp"})
@@ -93,6 +95,13 @@ class PostgresSettings(RecorderSettings):
     )
     db_schema: str = Field(
         default="upbus", alias="schema", min_length=1, description="The schema of the tables."
+    )
+    # Larger than SQLite's: every batch pays a fixed cost here (a COPY per table, a
+    # commit with its WAL flush, the server finishing the last rows while the writer
+    # waits). A batch is written when full or once its oldest message has waited
+    # flush_interval, so the cap only matters in bursts and adds no latency.
+    batch_size: int = Field(
+        default=DEFAULT_BATCH_SIZE, ge=1, description="Messages per COPY and transaction, at most."
     )
     write_retries: int = Field(
         default=8, ge=0, description="Reconnects for one failed batch before it is lost."
@@ -493,7 +502,7 @@ class PostgresStore(BatchRecorder):
         *,
         schema: str = "upbus",
         write_retries: int = 8,
-        batch_size: int = 500,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         flush_interval: float = 1.0,
         max_pending: int = 10_000,
         copy_format: CopyFormat = "binary",
