@@ -29,6 +29,10 @@ def _watch_specs(kind: str, codes: tuple[str, ...]) -> list[Spec]:
 @click.argument("kind", metavar="TYPE")
 @click.argument("codes", nargs=-1)
 @click.option("--url", help="Public WebSocket URL (default: the setting public_url).")
+@click.option(
+    "--private-url",
+    help="Private WebSocket URL, for myOrder and myAsset (default: the setting private_url).",
+)
 @click.option("--count", type=click.IntRange(min=1), help="Exit 0 after this many messages.")
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table")
 @click.option(
@@ -39,7 +43,13 @@ def _watch_specs(kind: str, codes: tuple[str, ...]) -> list[Spec]:
     help="Give up after this many failed connects in a row.",
 )
 def watch(
-    kind: str, codes: tuple[str, ...], url: str | None, count: int | None, fmt: str, attempts: int
+    kind: str,
+    codes: tuple[str, ...],
+    url: str | None,
+    private_url: str | None,
+    count: int | None,
+    fmt: str,
+    attempts: int,
 ) -> None:
     """Print live messages of TYPE for CODES.
 
@@ -48,7 +58,7 @@ def watch(
     """
     quiet_unless_verbose()
     specs = _watch_specs(kind, codes)
-    settings = settings_from(public_url=url)
+    settings = settings_from(public_url=url, private_url=private_url)
     settings = settings.model_copy(
         update={"reconnect": settings.reconnect.model_copy(update={"max_attempts": attempts})}
     )

@@ -18,6 +18,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -52,6 +53,20 @@ __all__ = (
 )
 
 M = TypeVar("M", bound=BaseModel)
+
+Region = Literal["kr", "sg", "id", "th"]
+
+# Public and private endpoints of each venue (docs/protocol.md, Endpoints).
+REGION_URLS: dict[str, tuple[str, str]] = {
+    region: (f"wss://{host}/websocket/v1", f"wss://{host}/websocket/v1/private")
+    for region, host in {
+        "kr": "api.upbit.com",
+        "sg": "sg-api.upbit.com",
+        "id": "id-api.upbit.com",
+        "th": "th-api.upbit.com",
+    }.items()
+}
+_URL_FIELDS = ("public_url", "private_url")
 
 
 class RateLimitSettings(BaseModel):
@@ -211,13 +226,26 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
     )
 
+    region: Region = Field(
+        default="kr",
+        description=(
+            "Which Upbit venue: 'kr' (Korea), 'sg' (Singapore), 'id' (Indonesia) or 'th' "
+            "(Thailand); picks public_url and private_url unless they are set."
+        ),
+    )
     public_url: str = Field(
-        default="wss://api.upbit.com/websocket/v1",
-        description="WebSocket endpoint for public market data (ticker, trade, orderbook).",
+        default=REGION_URLS["kr"][0],
+        description=(
+            "WebSocket endpoint for public market data (ticker, trade, orderbook); "
+            "default: the region's."
+        ),
     )
     private_url: str = Field(
-        default="wss://api.upbit.com/websocket/v1/private",
-        description="WebSocket endpoint for private data (myOrder, myAsset); needs the keys.",
+        default=REGION_URLS["kr"][1],
+        description=(
+            "WebSocket endpoint for private data (myOrder, myAsset); needs the keys; "
+            "default: the region's."
+        ),
     )
     access_key: SecretStr | None = Field(
         default=None, description="Upbit Open API access key; needed only for private data."
@@ -325,6 +353,20 @@ class Settings(BaseSettings):
     # What each source supplied, highest precedence first; set by load_settings.
     _layers: tuple[Layer, ...] = PrivateAttr(default=())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _region_urls(cls, data: Any) -> Any:
+        # Only a URL no source set follows the region; an invalid region is left for
+        # the field's own validation to report.
+        if not isinstance(data, dict):
+            return data
+        region = data.get("region", "kr")
+        urls = REGION_URLS.get(region) if isinstance(region, str) else None
+        if urls is None:
+            return data
+        derived = {name: url for name, url in zip(_URL_FIELDS, urls, strict=True)}
+        return {**derived, **data}
+
     @field_validator("public_url", "private_url")
     @classmethod
     def _websocket_url(cls, value: str) -> str:
@@ -425,11 +467,19 @@ def explain_settings(settings: Settings) -> list[tuple[str, str, str]]:
     """Each setting as ``(dotted name, display value, source)``, secrets masked.
 
     Sources are ``default``, ``pyproject.toml [tool.upbus]``, the path of the
-    ``upbus.toml`` in use, ``environment variable UPBUS_…`` or ``argument``; for
+    ``upbus.toml`` in use, ``environment variable UPBUS_…`` or ``argument``; a URL
+    that follows a ``region`` some source set is ``default for region sg`` (say); for
     settings not built by :func:`load_settings` every source is ``unknown``.
     """
     rows = []
     for loc, value in leaves(settings.model_dump()):
         source = origin(settings._layers, loc) if settings._layers else "unknown"
+        if loc[0] in _URL_FIELDS and source == "default" and _region_chosen(settings):
+            source = f"default for region {settings.region}"
         rows.append((dotted(loc), display(Settings, loc, value), source))
     return rows
+
+
+def _region_chosen(settings: Settings) -> bool:
+    # A URL that follows a region some source set says so; Korea by default is just "default".
+    return origin(settings._layers, ("region",)) != "default"

@@ -11,12 +11,14 @@ by being shared.
 """
 
 from upbus.sim.cli import run_cli
-from upbus.sim.config import AccountConfig, SimConfig
+from upbus.sim.config import DEFAULT_FUNDS, AccountConfig, SimConfig, default_balances
 from upbus.sim.orders import Balance, Order, OrderError
 from upbus.sim.records import ConnectionRecord, RequestRecord, Violation
 from upbus.sim.server import PRIVATE_PATH, PUBLIC_PATH, Simulator
+from upbus.sim.trader import run_orders
 
 __all__ = (
+    "DEFAULT_FUNDS",
     "PRIVATE_PATH",
     "PUBLIC_PATH",
     "AccountConfig",
@@ -28,5 +30,7 @@ __all__ = (
     "SimConfig",
     "Simulator",
     "Violation",
+    "default_balances",
     "run_cli",
+    "run_orders",
 )

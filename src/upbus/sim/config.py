@@ -7,13 +7,14 @@ behaviour unverified, so a test can set the other plausible answer.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
 from upbus.core._errors import ConfigError
+from upbus.sim.markets import QUOTES, REGIONS, Region
 
-__all__ = ("AccountConfig", "Rate", "SimConfig")
+__all__ = ("DEFAULT_FUNDS", "AccountConfig", "Rate", "SimConfig", "default_balances")
 
 Rate = float | Literal["max"] | None
 """Realtime messages/s per connection; ``None``: generate each message as fast as
@@ -21,18 +22,46 @@ possible (about 2,000/s); ``"max"``: repeat a pre-encoded ring as fast as the so
 takes it (see :mod:`upbus.sim.flood`)."""
 
 
+#: What an account starts with in the venue's own currency, unless its balances are
+#: given: about 100,000,000 KRW's worth, and 1 BTC besides (:func:`default_balances`).
+DEFAULT_FUNDS: Mapping[str, Decimal] = {
+    "KRW": Decimal(100_000_000),
+    "SGD": Decimal(100_000),
+    "IDR": Decimal(1_000_000_000),
+    "THB": Decimal(2_500_000),
+}
+
+
+def default_balances(region: str = "kr") -> dict[str, Decimal]:
+    """An account's starting balances on ``region``'s venue: its currency and 1 BTC."""
+    quote = QUOTES[region]
+    return {quote: DEFAULT_FUNDS[quote], "BTC": Decimal(1)}
+
+
 @dataclass(frozen=True, slots=True)
 class AccountConfig:
-    """A private-API account: the key pair and starting balances (currency → amount)."""
+    """A private-API account: the key pair and starting balances (currency → amount).
+
+    Without ``balances`` it starts as ``upbus sim --account`` does, with
+    :func:`default_balances` of the simulator's region (100,000,000 KRW and 1 BTC
+    in Korea); pass ``{}`` for an empty account.
+    """
 
     access_key: str
     secret_key: str
-    balances: Mapping[str, Decimal] = field(default_factory=dict)
+    balances: Mapping[str, Decimal] | None = None
+
+    def starting_balances(self, region: str = "kr") -> Mapping[str, Decimal]:
+        """``balances``, or the default ones of ``region`` when none were given."""
+        return default_balances(region) if self.balances is None else self.balances
 
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     """Everything the simulator does that a test may want to change."""
+
+    # -- venue
+    region: Region = "kr"  # which venue's markets are served: kr, sg, id or th
 
     # -- network
     port: int = 0  # 0 picks a free port; the host is always 127.0.0.1
@@ -85,6 +114,10 @@ class SimConfig:
     fee_rate: Decimal = Decimal("0.0005")
 
     def __post_init__(self) -> None:
+        if self.region not in REGIONS:
+            raise ConfigError(
+                f"SimConfig.region must be one of {', '.join(REGIONS)}, not {self.region!r}"
+            )
         check_rate(self.rate, ConfigError, "SimConfig.rate")
         if self.flood_ring < 1 or self.flood_write_bytes < 1:
             raise ConfigError("SimConfig.flood_ring and flood_write_bytes must be at least 1")

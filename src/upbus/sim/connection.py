@@ -50,6 +50,7 @@ from upbus.sim.feed import Feed
 from upbus.sim.flood import Ring, RingCache
 from upbus.sim.limits import MessageLimiter
 from upbus.sim.market import Market
+from upbus.sim.markets import markets_for
 from upbus.sim.orders import PrivateEvent
 from upbus.sim.protocol import (
     Entry,
@@ -108,7 +109,7 @@ class Connection:
         self._my_order: frozenset[str] | None = None  # None: every market
         self._wants_order = False
         self._wants_asset = False
-        self._feed = Feed(Market(config.seed, config.start_ms))
+        self._feed = Feed(Market(config.seed, config.start_ms, markets_for(config.region)))
         self._limiter = MessageLimiter(config.message_limits)
         self._outbox: deque[_Out] = deque()
         self._wake = anyio.Event()
@@ -437,6 +438,14 @@ class Connection:
         else:
             self._my_order = frozenset(code for entry in orders for code in entry.codes or ())
         self._wake.set()
+        # The request was recorded before it was installed; waiters on "who wants
+        # private data" must look again now.
+        self._journal.changed()
+
+    @property
+    def wants_private(self) -> bool:
+        """Whether the current subscription asks for myOrder or myAsset."""
+        return self._wants_order or self._wants_asset
 
     def _list(self, request: ListSubscriptions) -> None:
         """Answer LIST_SUBSCRIPTIONS and switch the connection's format (§2.8)."""

@@ -14,7 +14,7 @@ Decisions where docs/protocol.md (Requests) calls the exchange's behaviour unver
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -47,8 +47,14 @@ class Stream:
     sent_ms: int | None = None
 
 
-def split_code(raw: str, *, orderbook: bool) -> tuple[MarketInfo, int] | None:
-    """The market and depth for a requested code, or None when it gets no data."""
+def split_code(
+    raw: str, *, orderbook: bool, markets: Mapping[str, MarketInfo] = MARKETS
+) -> tuple[MarketInfo, int] | None:
+    """The market and depth for a requested code, or None when it gets no data.
+
+    ``markets`` is what the venue lists; a code of another venue (``KRW-BTC`` on the
+    Singapore one, say) is unknown there.
+    """
     code, dot, suffix = raw.partition(".")
     depth = _FULL_DEPTH
     if dot:
@@ -57,11 +63,13 @@ def split_code(raw: str, *, orderbook: bool) -> tuple[MarketInfo, int] | None:
         number = int(suffix)
         # An unsupported depth silently gives the full book (docs/protocol.md, Requests).
         depth = number if number in DEPTHS else _FULL_DEPTH
-    info = MARKETS.get(code)  # lower-case codes are not keys, so they are ignored too
+    info = markets.get(code)  # lower-case codes are not keys, so they are ignored too
     return None if info is None else (info, depth)
 
 
-def build_streams(entries: Iterable[Entry]) -> list[Stream]:
+def build_streams(
+    entries: Iterable[Entry], markets: Mapping[str, MarketInfo] = MARKETS
+) -> list[Stream]:
     """The public streams an entry list asks for, in request order."""
     streams: list[Stream] = []
     for entry in entries:
@@ -71,7 +79,7 @@ def build_streams(entries: Iterable[Entry]) -> list[Stream]:
         realtime = not entry.is_only_snapshot
         unit = CANDLE_UNITS[entry.type.removeprefix("candle.")] if "." in entry.type else 0
         for raw in entry.codes or ():
-            found = split_code(raw, orderbook=entry.type == "orderbook")
+            found = split_code(raw, orderbook=entry.type == "orderbook", markets=markets)
             if found is None:
                 continue
             info, depth = found
@@ -96,7 +104,7 @@ class Feed:
 
     def install(self, entries: Iterable[Entry]) -> None:
         """Replace every stream with those of ``entries`` (docs/protocol.md, Requests)."""
-        streams = build_streams(entries)
+        streams = build_streams(entries, self._market.markets)
         self._snapshots = deque(stream for stream in streams if stream.snapshot)
         self._by_code = {}
         for stream in streams:

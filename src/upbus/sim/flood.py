@@ -44,6 +44,7 @@ from upbus.sim.config import SimConfig
 from upbus.sim.encode import encode_frame, is_list_format
 from upbus.sim.feed import Feed
 from upbus.sim.market import Market
+from upbus.sim.markets import markets_for
 from upbus.sim.protocol import Entry
 
 __all__ = ("RING_CACHE_SIZE", "Ring", "RingCache", "binary_frame", "build_ring")
@@ -104,7 +105,7 @@ async def build_ring(entries: tuple[Entry, ...], fmt: str, config: SimConfig) ->
     frame (candles only) stop after a bounded number of trades with a shorter ring,
     possibly an empty one.
     """
-    feed = Feed(Market(config.seed, config.start_ms))
+    feed = Feed(Market(config.seed, config.start_ms, markets_for(config.region)))
     feed.install(entries)
     # The per-message flood sends the snapshots first, and a candle snapshot decides
     # when the next realtime candle is due: do the same so the frames match.

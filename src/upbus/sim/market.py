@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_FLOOR, Context, Decimal, localcontext
@@ -44,7 +45,14 @@ CANDLE_UNITS = {
 }
 
 # Typical order value in the quote currency, to size orders and trades sensibly.
-_NOTIONAL = {"KRW": Decimal(1_000_000), "BTC": Decimal("0.02"), "USDT": Decimal(700)}
+_NOTIONAL = {
+    "KRW": Decimal(1_000_000),
+    "BTC": Decimal("0.02"),
+    "USDT": Decimal(700),
+    "SGD": Decimal(900),
+    "IDR": Decimal(11_000_000),
+    "THB": Decimal(24_000),
+}
 
 Fields = dict[str, Any]
 
@@ -398,7 +406,13 @@ class Market:
     milliseconds per trade, so two runs with one seed send identical bytes.
     """
 
-    def __init__(self, seed: int, start_ms: int | None = None) -> None:
+    def __init__(
+        self,
+        seed: int,
+        start_ms: int | None = None,
+        markets: Mapping[str, MarketInfo] = MARKETS,
+    ) -> None:
+        self.markets = markets  # the codes this venue serves; others get no data
         self._seed = seed
         self._virtual_ms = start_ms
         self._clock_rng = random.Random(f"upbus-sim/{seed}/clock")
@@ -416,7 +430,7 @@ class Market:
         """The state of a known ``code`` (created on first use)."""
         state = self._states.get(code)
         if state is None:
-            state = CodeState(MARKETS[code], self._seed, self.now_ms())
+            state = CodeState(self.markets[code], self._seed, self.now_ms())
             self._states[code] = state
         return state
 

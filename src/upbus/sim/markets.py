@@ -2,14 +2,35 @@
 
 Reference prices are round, realistic levels (KRW, BTC or USDT per unit); the
 simulator perturbs them per seed. Tick sizes follow the exchange's KRW price bands.
+
+The regional venues (Singapore, Indonesia, Thailand) are separate exchanges with
+their own markets, such as ``SGD-XRP`` (docs/protocol.md, Endpoints): each serves a
+few dozen pairs in its own currency, priced from the KRW levels at a round exchange
+rate, and the same BTC and USDT pairs. :func:`markets_for` gives a region's table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import cache
+from typing import Literal
 
-__all__ = ("MARKETS", "MarketInfo", "supported_levels", "tick_size")
+__all__ = (
+    "MARKETS",
+    "QUOTES",
+    "REGIONS",
+    "MarketInfo",
+    "Region",
+    "markets_for",
+    "supported_levels",
+    "tick_size",
+)
+
+Region = Literal["kr", "sg", "id", "th"]
+REGIONS: tuple[Region, ...] = ("kr", "sg", "id", "th")
+#: The home currency of each venue: its fiat-quoted markets are ``QUOTE-BASE``.
+QUOTES: dict[str, str] = {"kr": "KRW", "sg": "SGD", "id": "IDR", "th": "THB"}
 
 # symbol, reference price in KRW
 _KRW = """
@@ -55,6 +76,13 @@ BTC-LINK 0.000194 BTC-ARK 0.00000426 BTC-XTZ 0.0000088
 USDT-BTC 98750 USDT-ETH 3410.2 USDT-XRP 2.1502 USDT-SOL 184.52 USDT-DOGE 0.24215
 """
 
+# What the regional venues list, priced from the KRW level above at a round rate.
+_REGIONAL = """
+BTC ETH XRP SOL DOGE ADA TRX LINK AVAX XLM SUI BCH DOT SHIB ETC UNI NEAR APT POL
+ATOM ARB OP AAVE SAND MANA AXS USDT USDC
+"""
+_KRW_PER_UNIT = {"SGD": Decimal(1080), "IDR": Decimal("0.0875"), "THB": Decimal("41.5")}
+
 # KRW price bands: (lower bound, tick). The first band whose bound the price reaches.
 _KRW_TICKS = tuple(
     (Decimal(bound), Decimal(tick))
@@ -95,7 +123,7 @@ def tick_size(quote: str, price: Decimal) -> Decimal:
             if price >= bound:
                 return tick
         return _SATOSHI
-    if quote == "USDT":
+    if quote in ("USDT", "SGD", "IDR", "THB"):
         # About five significant digits, never below one satoshi-sized step.
         if price <= 0:
             return _SATOSHI
@@ -125,6 +153,33 @@ def _build() -> dict[str, MarketInfo]:
 
 
 MARKETS: dict[str, MarketInfo] = _build()
+
+
+@cache
+def markets_for(region: str) -> dict[str, MarketInfo]:
+    """The markets the ``region`` venue serves: ``MARKETS`` for ``kr``, else its own.
+
+    Raises:
+        ValueError: for a region other than ``kr``, ``sg``, ``id``, ``th``.
+    """
+    if region not in QUOTES:
+        raise ValueError(f"unknown region {region!r}; expected one of {', '.join(REGIONS)}")
+    if region == "kr":
+        return MARKETS
+    quote = QUOTES[region]
+    rate = _KRW_PER_UNIT[quote]
+    markets: dict[str, MarketInfo] = {}
+    for symbol in _REGIONAL.split():
+        price = MARKETS[f"KRW-{symbol}"].price / rate
+        # Round to five significant digits: a listed level, not a conversion artefact.
+        price = price.quantize(Decimal(1).scaleb(min(price.adjusted() - 4, 0)))
+        code = f"{quote}-{symbol}"
+        markets[code] = MarketInfo(code, quote, symbol, price)
+    for code, info in MARKETS.items():
+        if info.quote != "KRW":
+            markets[code] = info
+    return markets
+
 
 #: Ten busy KRW markets: the set examples, tests and benchmarks subscribe to.
 POPULAR: tuple[str, ...] = (

@@ -90,7 +90,10 @@ class Simulator(anyio.AsyncContextManagerMixin):
             (lambda: start_ms) if start_ms is not None else (lambda: int(time.time() * 1000))
         )
         self._exchange = Exchange(
-            {account.access_key: account.balances for account in config.accounts},
+            {
+                account.access_key: account.starting_balances(config.region)
+                for account in config.accounts
+            },
             fee_rate=config.fee_rate,
             seed=config.seed,
             clock_ms=clock,
@@ -319,6 +322,13 @@ class Simulator(anyio.AsyncContextManagerMixin):
     def cancel_order(self, order_uuid: str) -> None:
         """Cancel an open order and release what it locks."""
         self._publish(self._exchange.cancel(order_uuid))
+
+    def has_private_subscriber(self, access_key: str) -> bool:
+        """Whether a live connection of ``access_key`` subscribes to myOrder or myAsset."""
+        return any(
+            live.endpoint == "private" and live.access_key == access_key and live.wants_private
+            for live in self._live.values()
+        )
 
     def order(self, order_uuid: str) -> Order:
         """The order's current state."""
