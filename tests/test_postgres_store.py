@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -401,3 +402,59 @@ def test_binary_copy_stores_each_float_as_its_shortest_decimal_as_text_copy_does
         assert before <= got[5] <= after
         # The same digits and scale as the server's own parsing of the text.
         assert [str(v) for v in got[:5]] == [str(v) for v in expected[:5]]
+
+
+async def test_a_lost_acknowledgement_of_a_commit_does_not_write_the_batch_twice(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A TCP proxy between the store and the server that swallows the server's answer to
+    # one COMMIT and hangs up: the batch is in the table, and the store cannot know it.
+    caplog.set_level(logging.WARNING, "upbus.plugins.postgres")
+    commit_done = b"C\x00\x00\x00\x0bCOMMIT\x00"  # CommandComplete "COMMIT"
+    seen = {"commits": 0, "swallowed": 0}
+    swallow_at = 3  # the schema's creation commits first, then each batch
+
+    async def relay(client: anyio.abc.SocketStream) -> None:
+        server = await anyio.connect_tcp("127.0.0.1", 5432)
+        async with client, server, anyio.create_task_group() as group:
+
+            async def upstream() -> None:
+                with contextlib.suppress(anyio.BrokenResourceError):
+                    async for chunk in client:
+                        await server.send(chunk)
+                group.cancel_scope.cancel()
+
+            async def downstream() -> None:
+                with contextlib.suppress(anyio.BrokenResourceError):
+                    async for chunk in server:
+                        if commit_done in chunk:
+                            seen["commits"] += 1
+                            if seen["commits"] == swallow_at:
+                                seen["swallowed"] += 1
+                                break
+                        await client.send(chunk)
+                group.cancel_scope.cancel()
+
+            group.start_soon(upstream)
+            group.start_soon(downstream)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    # Plain text on the wire, so that the proxy can read it.
+    dsn = f"postgresql://postgres@127.0.0.1:{port}/test?sslmode=disable&gssencmode=disable"
+    trades = [make_trade(sequential_id=i) for i in range(1, 101)]
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, relay)
+        store = PostgresStore(dsn, schema=schema, batch_size=10, flush_interval=0.01)
+        await store.start()
+        for trade in trades:
+            await store.on_message(trade)
+        await store.aclose()
+        group.cancel_scope.cancel()
+    assert seen["swallowed"] == 1
+    assert "retrying" in caplog.text
+    stats = store.stats()
+    assert stats["lost"] == 0
+    assert stats["written"] == stats["accepted"] == len(trades)
+    rows = query(f'SELECT id, sequential_id FROM "{schema}".trades ORDER BY id')
+    assert rows == [(i, i) for i in range(1, len(trades) + 1)]
