@@ -153,13 +153,18 @@ _PG_EPOCH_MS = _PG_EPOCH_S * 1000
 _INT8 = struct.Struct(">q").pack
 
 
-@functools.cache
-def _decimal_to_numeric() -> Callable[[Decimal], Any]:
-    import psycopg
-    from psycopg.adapt import PyFormat
+# Powers of ten that widen a decimal fraction to whole base-10000 digits.
+_WIDEN = (1, 10, 100, 1000)
 
-    # psycopg's own encoder (its C one, with the binary extra) of a Decimal.
-    return psycopg.adapters.get_dumper(Decimal, PyFormat.BINARY)(Decimal).dump
+
+@functools.cache
+def _int_to_numeric() -> Callable[[int], Any]:
+    import psycopg
+    from psycopg.pq import Format
+
+    # psycopg's own encoder (its C one, with the binary extra) of an int as numeric.
+    numeric = psycopg.postgres.types["numeric"].oid
+    return psycopg.adapters.get_dumper_by_oid(numeric, Format.BINARY)(int).dump
 
 
 def numeric_binary(value: float | Decimal) -> bytes:
@@ -168,8 +173,27 @@ def numeric_binary(value: float | Decimal) -> bytes:
     ``repr`` is the shortest decimal that reads back as the same float, i.e. the
     digits the exchange sent: 0.1 is stored as 0.1, not 0.1000000000000000055….
     """
-    exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-    return bytes(_decimal_to_numeric()(exact))
+    if isinstance(value, float):
+        text = repr(value)
+        whole, _, fraction = text.partition(".")
+        if not fraction or "e" in fraction:  # an exponent, inf or nan: rare
+            value = Decimal(text)
+        else:
+            # psycopg's int encoder is several times faster than its Decimal one: encode
+            # the digits as an int, widened to whole base-10000 digits after the point,
+            # then move the point back in the header (weight, and dscale for the scale).
+            scale = len(fraction)
+            widen = -scale % 4
+            out = _int_to_numeric()(int(whole + fraction) * _WIDEN[widen])
+            if type(out) is not bytearray:
+                out = bytearray(out)
+            weight = int.from_bytes(out[2:4], "big", signed=True) - (scale + widen) // 4
+            out[2:4] = weight.to_bytes(2, "big", signed=True)
+            out[6:8] = scale.to_bytes(2, "big")
+            return bytes(out)
+    from psycopg.types.numeric import dump_decimal_to_numeric_binary
+
+    return bytes(dump_decimal_to_numeric_binary(Decimal(value)))
 
 
 class _NumericEncodings(dict[float | None, bytes | None]):
