@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -18,6 +19,8 @@ import pytest
 from clirun import UPBUS, clean_environment
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from upbus.cli._otel import tracing
 
 # A store on the simulator subscribes, so the batcher has something to send and trace.
 RUN = ("run", "--sim", "--seconds", "1", "--db", "upbus.db")
@@ -96,7 +99,7 @@ def collector() -> Iterator[Collector]:
             seen.bodies.append((self.path, body))
             seen.received.set()
             if seen.hold:
-                seen.release.wait(20)
+                seen.release.wait(60)
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", "0")
@@ -170,11 +173,35 @@ def test_spans_are_exported_when_a_signal_stops_run(tmp_path: Path) -> None:
         _out, rest = process.communicate(timeout=30)
     finally:
         process.kill()
-        process.wait()
+        process.communicate()
     err = "".join(seen) + rest
     assert process.returncode == 0, err
     assert "upbus: stopping" in err
     assert {span["name"] for span in spans_on(err)} == BATCHING_SPANS, err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("on_terminal", [True, False], ids=["terminal", "redirected"])
+def test_console_spans_follow_a_live_view_only_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, on_terminal: bool
+) -> None:
+    # A live view swaps sys.stderr while it draws, for a proxy that prints above it on
+    # the terminal; stderr redirected to a file must keep the spans all the same.
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    original = Terminal() if on_terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", original)
+    with tracing("console") as provider:
+        assert provider is not None
+        proxy = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", proxy)
+        provider.get_tracer("test").start_span("drawn").end()
+    written, untouched = (proxy, original) if on_terminal else (original, proxy)
+    assert [span["name"] for span in spans_on(written.getvalue())] == ["drawn"]
+    assert untouched.getvalue() == ""
 
 
 # -- OTLP/HTTP --------------------------------------------------------------------------
@@ -257,7 +284,7 @@ def test_a_signal_during_a_stuck_export_stops_waiting(tmp_path: Path, collector:
     collector.hold = True
     env = otel_env(
         OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
-        OTEL_EXPORTER_OTLP_TIMEOUT="20",
+        OTEL_EXPORTER_OTLP_TIMEOUT="60",
         OTEL_BSP_SCHEDULE_DELAY="60000",  # the only export is the one at exit
     )
     process = subprocess.Popen(
@@ -269,15 +296,17 @@ def test_a_signal_during_a_stuck_export_stops_waiting(tmp_path: Path, collector:
         env=env,
     )
     try:
-        assert collector.received.wait(30), "no export at exit"
+        if not collector.received.wait(30):
+            process.kill()
+            pytest.fail("no export at exit:\n" + "".join(process.communicate()))
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=10)  # well before the 20 s export timeout
+        out, err = process.communicate(timeout=30)  # well before the 60 s export timeout
     finally:
         process.kill()
-        process.wait()
+        process.communicate()
     assert process.returncode == 0, err
-    assert "stored" in out
-    assert "upbus: stopped before the remaining spans were exported" in err
+    assert "stored" in out, out
+    assert "upbus: stopped before the remaining spans were exported" in err, err
     assert "Traceback" not in err
 
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -122,13 +122,35 @@ def _exporter(name: str) -> SpanExporter:
 
         # stdout carries the command's data; one span per line keeps stderr greppable.
         return ConsoleSpanExporter(
-            out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n"
+            out=cast("IO[str]", _CurrentStderr()),
+            formatter=lambda span: span.to_json(indent=None) + "\n",
         )
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     # Without arguments it reads OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else
     # OTEL_EXPORTER_OTLP_ENDPOINT plus /v1/traces, else http://localhost:4318/v1/traces.
     return OTLPSpanExporter()
+
+
+class _CurrentStderr:
+    """On a terminal, whatever ``sys.stderr`` is when a span is written.
+
+    A live view replaces ``sys.stderr`` while it draws, to print what is written there
+    above the view rather than inside it. Its replacement writes to the view's terminal,
+    so stderr redirected to a file keeps the original.
+    """
+
+    def __init__(self) -> None:
+        self._original = sys.stderr
+
+    def _target(self) -> IO[str]:
+        return sys.stderr if self._original.isatty() else self._original
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
 
 
 class _Abandoned(Exception):
