@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+import anyio
 import click
 
 from upbus.cli._app import main, quiet_unless_verbose, run_until_signal, settings_from
-from upbus.cli._printer import Printer
+from upbus.cli._live import show_live, wants_live
+from upbus.cli._printer import Board, Printer
 from upbus.core._bus import Bus
 from upbus.core._errors import UpbusError
 from upbus.core.subscriptions._specs import CANDLE_UNITS, Spec, parse_specs
+from upbus.settings import Settings
 
 
 def _watch_specs(kind: str, codes: tuple[str, ...]) -> list[Spec]:
@@ -42,6 +46,7 @@ def _watch_specs(kind: str, codes: tuple[str, ...]) -> list[Spec]:
     show_default=True,
     help="Give up after this many failed connects in a row.",
 )
+@click.option("--plain", is_flag=True, help="With --format table: lines, also on a terminal.")
 def watch(
     kind: str,
     codes: tuple[str, ...],
@@ -50,11 +55,13 @@ def watch(
     count: int | None,
     fmt: str,
     attempts: int,
+    plain: bool,
 ) -> None:
     """Print live messages of TYPE for CODES.
 
     With --format json, each message is one object per line with the exchange's
-    DEFAULT field names.
+    DEFAULT field names. With --format table on a terminal, one row per code shows
+    its latest message, redrawn in place.
     """
     quiet_unless_verbose()
     specs = _watch_specs(kind, codes)
@@ -64,6 +71,9 @@ def watch(
     )
 
     async def body() -> None:
+        if fmt == "table" and wants_live(plain):
+            await _board(settings, kind, specs, count)
+            return
         watcher = Printer(fmt, count)
         async with Bus(settings) as bus:
             subscriber = await bus.register_component(watcher, specs, overflow="block")
@@ -72,3 +82,14 @@ def watch(
                     return
 
     run_until_signal(body)
+
+
+async def _board(settings: Settings, kind: str, specs: list[Spec], count: int | None) -> None:
+    board = Board(kind, count)
+    async with Bus(settings) as bus, anyio.create_task_group() as tg:
+        subscriber = await bus.register_component(board, specs, overflow="block")
+        tg.start_soon(partial(show_live, lambda: board))
+        async for item in subscriber:
+            if board.show(item):
+                break
+        tg.cancel_scope.cancel()
