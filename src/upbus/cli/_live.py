@@ -144,7 +144,10 @@ def status_line(bus: Bus, rates: Rates | None = None) -> str:
 
 
 def _table(title: str, *columns: str) -> Table:
-    """A table whose columns hold text, except those named ``#name``, which hold numbers."""
+    """A table of columns ``name`` (a word), ``#name`` (a number) or ``~name`` (free text).
+
+    Words and numbers are never folded: on a narrow terminal, free text wraps.
+    """
     table = Table(
         title=title,
         title_justify="left",
@@ -154,8 +157,11 @@ def _table(title: str, *columns: str) -> Table:
         pad_edge=False,
     )
     for column in columns:
-        number = column.startswith("#")
-        table.add_column(column.lstrip("#"), justify="right" if number else "left")
+        table.add_column(
+            column.lstrip("#~"),
+            justify="right" if column.startswith("#") else "left",
+            no_wrap=not column.startswith("~"),
+        )
     return table
 
 
@@ -203,7 +209,7 @@ def bus_view(
 
     channels = _table(
         "Connections", "channel", "state", "#up", "#messages", "#msg/s", "#reconnects",
-        "merged", "requests",
+        "~merged", "~requests",
     )  # fmt: skip
     problems: list[Text] = []
     for channel, m in metrics.items():
@@ -252,9 +258,8 @@ def bus_view(
     show_last = any(n.last for n in named.values())
     listed = _table(
         "Components", "component", "policy", "#delivered", "#buffered", "#conflated", "#dropped",
+        *(["~last"] if show_last else []),
     )  # fmt: skip
-    if show_last:
-        listed.add_column("last", no_wrap=True, overflow="ellipsis")
     for s in subscriptions["subscribers"]:
         who = named.get(s["subscriber"])
         dropped = s["dropped"]
@@ -272,7 +277,7 @@ def bus_view(
     if listed.row_count:
         parts.append(listed)
 
-    limits = _table("Rate limits", "limiter", "left", "#waits", "#blocked")
+    limits = _table("Rate limits", "limiter", "~left", "#waits", "#blocked")
     scoped = [(f"connect {scope}", s) for scope, s in limiters["connect"].items()]
     scoped += [(f"requests {ch}", s) for ch, s in limiters["message"].items() if s is not None]
     for name, status in scoped:
