@@ -90,7 +90,7 @@ async def connect(
                 connect_timeout=max(1, round(timeout)),
                 allow_reconnect=reconnect,
                 # nats-py drops a refused server from its pool only for a count above 0.
-            max_reconnect_attempts=-1 if reconnect else 1,
+                max_reconnect_attempts=-1 if reconnect else 1,
                 reconnect_time_wait=0.2,  # type: ignore[arg-type,unused-ignore]  # float works
                 ping_interval=5,
                 max_outstanding_pings=2,
