@@ -458,3 +458,14 @@ async def test_a_lost_acknowledgement_of_a_commit_does_not_write_the_batch_twice
     assert stats["written"] == stats["accepted"] == len(trades)
     rows = query(f'SELECT id, sequential_id FROM "{schema}".trades ORDER BY id')
     assert rows == [(i, i) for i in range(1, len(trades) + 1)]
+
+
+async def test_the_section_chooses_text_copy(sim: Simulator, schema: str) -> None:
+    async with postgres_bus(sim, schema, copy_format="text", flush_interval=0.05) as bus:
+        store = postgres_store.store_for(bus)
+        assert store is not None
+        assert store.copy_format == "text"
+        watcher = Recorder()
+        await bus.register_component(watcher, SPECS)
+        await watcher.wait_for(lambda: store.written >= 50)
+    assert all_rows(schema) == store.accepted == store.written

@@ -12,6 +12,7 @@ Needs the ``postgres`` extra (psycopg 3). Enabled by settings; with
     flush_interval = 1.0
     max_pending = 10000
     write_retries = 8                # reconnects for one batch before it is lost
+    copy_format = "binary"           # or "text"
 
 Each message type has a typed table in ``schema`` (``tickers``, ``trades``,
 ``orderbooks``, ``candles``, ``my_orders``, ``my_assets``) whose columns are the
@@ -86,6 +87,9 @@ CONNECT_TIMEOUT = 5
 _TIME_FIELDS = frozenset({"timestamp", "trade_timestamp", "order_timestamp", "asset_timestamp"})
 
 
+CopyFormat = Literal["binary", "text"]
+
+
 class PostgresSettings(RecorderSettings):
     """The ``plugins.postgres`` section."""
 
@@ -105,6 +109,10 @@ class PostgresSettings(RecorderSettings):
     )
     write_retries: int = Field(
         default=8, ge=0, description="Reconnects for one failed batch before it is lost."
+    )
+    copy_format: CopyFormat = Field(
+        default="binary",
+        description="'binary' COPY, or 'text' (cheaper for tickers, see bench/README.md).",
     )
 
 
@@ -144,8 +152,6 @@ def connect(dsn: str, application_name: str = "upbus") -> psycopg.Connection[Any
 
 
 # -- binary values -----------------------------------------------------------------------
-
-CopyFormat = Literal["binary", "text"]
 
 # PostgreSQL's binary timestamptz counts microseconds from 2000-01-01 UTC.
 _PG_EPOCH_S = 946_684_800
@@ -536,6 +542,7 @@ class PostgresStore(BatchRecorder):
         if copy_format not in ("binary", "text"):
             raise ValueError(f"copy_format must be 'binary' or 'text', not {copy_format!r}")
         self.schema = _check_schema_name(schema)
+        self.copy_format = copy_format
         self.path = f"postgresql {where(dsn)} schema {schema}"
         super().__init__(
             self.path,
@@ -621,6 +628,7 @@ def upbus_startup(bus: Bus) -> Awaitable[None] | None:
         config.dsn.get_secret_value(),
         schema=config.db_schema,
         write_retries=config.write_retries,
+        copy_format=config.copy_format,
         batch_size=config.batch_size,
         flush_interval=config.flush_interval,
         max_pending=config.max_pending,
