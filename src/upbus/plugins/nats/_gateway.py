@@ -63,7 +63,8 @@ log = logging.getLogger("upbus.gateway")
 # A list format packs several messages into a frame; the gateway publishes one
 # message per subject, so it asks for the same fields unpacked.
 _UNPACKED = {"JSON_LIST": "DEFAULT", "SIMPLE_LIST": "SIMPLE"}
-# Frames waiting for the publisher; past this the oldest go (and are counted).
+# NATS messages waiting for the publisher; past this the oldest half go, counted,
+# and the remote buses get a gap.
 MAX_BACKLOG = 100_000
 # Leases renewed longer ago than this (by the writer's clock) are stale at start.
 CLOCK_SLACK = 1.0
@@ -152,7 +153,10 @@ class Gateway:
         A NATS server that is not up yet is waited for (with a warning), so a
         gateway may start before it.
         """
-        client = await self._connect()
+        client = await self._connect("control")
+        # Data goes over a connection of its own: a KV request (the lead's renewal)
+        # must not wait behind megabytes of frames queued for the server.
+        data = await self._connect("data")
         self._client = client
         try:
             leases = await bucket(client, leases_bucket(self._prefix))
@@ -176,7 +180,7 @@ class Gateway:
                 self.bus = bus
                 tg.start_soon(self._watch_leases, leases, name="upbus gateway leases")
                 tg.start_soon(self._expire, leases, name="upbus gateway expiry")
-                tg.start_soon(self._publish, client, name="upbus gateway publisher")
+                tg.start_soon(self._publish, data, name="upbus gateway publisher")
                 self._on_status(
                     f"upbus gateway {self.id} ready on {shown_url(self.settings.nats_url or '')}"
                 )
@@ -184,15 +188,16 @@ class Gateway:
         finally:
             self.bus = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                await data.close()
                 await client.close()
 
-    async def _connect(self) -> Client:
+    async def _connect(self, role: str) -> Client:
         # A server started at the same moment gets a few seconds before a warning.
         warn_at = time.monotonic() + 3
         while True:
             try:
                 return await connect(
-                    self.settings, f"upbus gateway {self.id}", on_reconnect=self._nats_back
+                    self.settings, f"upbus gateway {self.id} {role}", on_reconnect=self._nats_back
                 )
             except NatsUnavailable as exc:
                 if warn_at and time.monotonic() >= warn_at:
@@ -325,7 +330,10 @@ class Gateway:
     async def _expire(self, kv: KeyValue) -> None:
         ttl = self.settings.nats.lease_ttl
         while True:
-            await anyio.sleep(ttl / 4)
+            # Wake at the first lease's deadline, so a dead bus leaves on time.
+            now = time.monotonic()
+            first = min((lease.seen + ttl for lease in self._leases.values()), default=now + ttl)
+            await anyio.sleep(min(ttl / 4, max(0.02, first - now + 0.01)))
             now = time.monotonic()
             for key, lease in list(self._leases.items()):
                 if now - lease.seen <= ttl:
@@ -343,16 +351,26 @@ class Gateway:
     # -- publishing ---------------------------------------------------------------
 
     def tap(self, channel: Channel, frames: Sequence[bytes | str], messages: list[Message]) -> None:
-        """The frame tap: queue each data frame for its subject (leader only)."""
+        """The frame tap: queue each data frame for its subject (leader only).
+
+        The frames of one read that share a subject go out as one NATS message,
+        newline-separated (compact JSON holds no raw newline; a frame that does goes
+        alone): in a flood that divides the per-message cost of NATS on both sides.
+        """
         leadership = self._leadership
         epoch = None if leadership is None else leadership.current_epoch()
         if epoch is None:
             return
-        backlog = self._backlog
+        grouped: dict[str, list[bytes]] = {}
         if len(frames) == len(messages):
             # The common read: every frame is one data message, in order.
             for frame, message in zip(frames, messages, strict=True):
-                backlog.append((self._subject(channel, epoch, message), _as_bytes(frame)))
+                subject = self._subject(channel, epoch, message)
+                found = grouped.get(subject)
+                if found is None:
+                    grouped[subject] = [_as_bytes(frame)]
+                else:
+                    found.append(_as_bytes(frame))
         else:
             for frame in frames:
                 try:
@@ -360,11 +378,35 @@ class Gateway:
                 except UpbusError:
                     continue
                 if len(decoded) == 1 and isinstance(decoded[0], Message):
-                    backlog.append((self._subject(channel, epoch, decoded[0]), _as_bytes(frame)))
-        while len(backlog) > MAX_BACKLOG:
-            backlog.popleft()
-            self.dropped += 1
+                    subject = self._subject(channel, epoch, decoded[0])
+                    grouped.setdefault(subject, []).append(_as_bytes(frame))
+        backlog = self._backlog
+        for subject, batch in grouped.items():
+            if len(batch) == 1:
+                backlog.append((subject, batch[0]))
+            elif any(b"\n" in frame for frame in batch):
+                backlog.extend((subject, frame) for frame in batch)
+            else:
+                backlog.append((subject, b"\n".join(batch)))
+        if len(backlog) > MAX_BACKLOG:
+            self._overflow(channel, backlog)
         self._wake.set()
+
+    def _overflow(self, channel: Channel, backlog: deque[tuple[str, bytes]]) -> None:
+        # Publishing fell behind the exchange: what cannot wait is dropped, and the
+        # remote buses must hear of the hole as a gap, never lose data silently.
+        lost = 0
+        while len(backlog) > MAX_BACKLOG // 2:
+            backlog.popleft()
+            lost += 1
+        self.dropped += lost
+        log.warning("gateway fell behind: %d messages not published; remote buses get a gap", lost)
+        epoch = self.epoch
+        if epoch is not None:
+            # Before what is left: the remote buses end their connection at the hole.
+            detail = f"the gateway fell behind and dropped {lost} messages"
+            event = {"channel": channel.value, "state": "gap", "detail": detail}
+            backlog.appendleft((events_subject(self._prefix, epoch), orjson.dumps(event)))
 
     def _subject(self, channel: Channel, epoch: str, message: Message) -> str:
         key = (message.type, message.code)

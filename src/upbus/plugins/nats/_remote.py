@@ -97,7 +97,9 @@ class RemoteTransport:
         self.channel = channel
         self.settings = settings
         self.key = f"{host_name(settings)}-{os.getpid()}-{secrets.token_hex(4)}-{channel.value}"
-        self._client: Client | None = None
+        self._client: Client | None = None  # control: leases and the leader key
+        self._data: Client | None = None  # market data subscriptions
+        self._away: set[str] = set()  # the clients nats-py is reconnecting
         self._leases: KeyValue | None = None
         self._gateway: KeyValue | None = None
         self._lost = asyncio.Event()  # set while NATS is disconnected
@@ -133,38 +135,57 @@ class RemoteTransport:
         return conn
 
     async def _ensure_client(self) -> Client:
-        if self._client is not None and not self._client.is_closed:
-            return self._client
+        """The data client, once both clients are connected and the buckets found.
+
+        Two connections: the control one (leases, the leader key) must not queue
+        its requests behind a flood of market data on the data one.
+        """
+        if (
+            self._client is not None
+            and self._data is not None
+            and not self._client.is_closed
+            and not self._data.is_closed
+        ):
+            return self._data
+        await self.aclose()
         self._state = "connecting to NATS"
         try:
-            client = await connect(
-                self.settings,
-                f"upbus remote {self.key}",
-                on_disconnect=self._on_disconnected,
-                on_reconnect=self._on_reconnected,
-            )
-            self._leases = await bucket(client, leases_bucket(self.settings.nats.prefix))
-            self._gateway = await bucket(client, gateway_bucket(self.settings.nats.prefix))
+            self._client = await self._connect("control")
+            self._data = await self._connect("data")
+            self._leases = await bucket(self._client, leases_bucket(self.settings.nats.prefix))
+            self._gateway = await bucket(self._client, gateway_bucket(self.settings.nats.prefix))
         except NatsUnavailable:
             self._state = "NATS unreachable"
+            await self.aclose()
             raise
         except Exception as exc:
             self._state = "NATS unreachable"
+            await self.aclose()
             raise NatsUnavailable(
                 f"NATS at {shown_url(self.settings.nats_url or '')}: {exc}"
             ) from None
-        self._client = client
-        return client
+        return self._data
 
-    async def _on_disconnected(self) -> None:
-        # nats-py reconnects by itself, but what was published meanwhile is lost to
-        # us: the components must hear of the gap, however short.
-        self._lost.set()
-        if self.current is not None:
-            self.current.end("the connection to NATS was lost")
+    async def _connect(self, role: str) -> Client:
+        async def disconnected() -> None:
+            # nats-py reconnects by itself, but what was published meanwhile is lost
+            # to us: the components must hear of the gap, however short.
+            self._away.add(role)
+            self._lost.set()
+            if self.current is not None:
+                self.current.end("the connection to NATS was lost")
 
-    async def _on_reconnected(self) -> None:
-        self._lost.clear()
+        async def reconnected() -> None:
+            self._away.discard(role)
+            if not self._away:
+                self._lost.clear()
+
+        return await connect(
+            self.settings,
+            f"upbus remote {self.key} {role}",
+            on_disconnect=disconnected,
+            on_reconnect=reconnected,
+        )
 
     def ended(self, reason: str) -> None:
         """The current connection ended: say so in the status until the next one."""
@@ -215,12 +236,15 @@ class RemoteTransport:
             await asyncio.sleep(min(0.1, ttl / 4))
 
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and not client.is_closed:
-            try:
-                await client.close()
-            except Exception as exc:  # closing must not fail the bus's exit
-                log.debug("closing NATS: %s", exc)
+        for client in (self._data, self._client):
+            if client is not None and not client.is_closed:
+                try:
+                    await client.close()
+                except Exception as exc:  # closing must not fail the bus's exit
+                    log.debug("closing NATS: %s", exc)
+        self._client = self._data = None
+        self._away.clear()
+        self._lost.clear()
 
 
 class RemoteConnection:
@@ -347,7 +371,12 @@ class RemoteConnection:
     async def _on_data(self, msg: Msg) -> None:
         if self._closed is not None:
             return
-        self._frames.append(msg.data)
+        data = msg.data
+        if b"\n" in data:
+            # The gateway sends the frames of one read for one subject together.
+            self._frames.extend(data.split(b"\n"))
+        else:
+            self._frames.append(data)
         if len(self._frames) > MAX_PENDING:
             self.end(f"the bus fell {MAX_PENDING} frames behind the gateway")
         self._ready.set()
