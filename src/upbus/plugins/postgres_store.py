@@ -12,7 +12,7 @@ Needs the ``postgres`` extra (psycopg 3). Enabled by settings; with
     flush_interval = 1.0
     max_pending = 10000
     write_retries = 8                # reconnects for one batch before it is lost
-    copy_format = "binary"           # or "text"
+    copy_format = "auto"             # per table; or "binary", "text"
 
 Each message type has a typed table in ``schema`` (``tickers``, ``trades``,
 ``orderbooks``, ``candles``, ``my_orders``, ``my_assets``) whose columns are the
@@ -24,15 +24,16 @@ stored by its shortest decimal form, the digits the exchange sent), times
 ``boolean``, nested values ``jsonb``. Every table with a ``code`` has an index on
 ``(code, timestamp)``.
 
-Rows are written with binary ``COPY``, one transaction per batch, by the writer
-thread of :class:`~upbus.plugins.recording.BatchRecorder`, with its guarantees:
-accepted == written + lost once closed. A row is the message's own values, picked in
-C: dumpers on the store's connection (:func:`register_dumpers`) turn exchange
-milliseconds and ``received_at`` seconds into ``timestamptz`` and nested values into
-``jsonb``, and a float is the ``numeric`` of its ``repr`` (the shortest decimal that
-reads back as the same float: 0.1 is 0.1), encoded once per distinct value, since
-prices repeat. ``copy_format="text"`` writes text ``COPY`` instead (for comparison,
-or columns an operator retyped). When a batch fails because the
+Rows are written with ``COPY``, one per table and one transaction per batch, by the
+writer thread of :class:`~upbus.plugins.recording.BatchRecorder`, with its guarantees:
+accepted == written + lost once closed. With ``copy_format = "auto"`` (the default)
+each table gets the format that costs the writer less: binary for trades, orders and
+assets, text for tickers, orderbooks and candles (``_TEXT_WHEN_AUTO``). A binary row
+is the message's own values, picked in C: dumpers on the store's connection
+(:func:`register_dumpers`) turn exchange milliseconds and ``received_at`` seconds into
+``timestamptz`` and nested values into ``jsonb``, and a float is the ``numeric`` of
+its ``repr`` (the shortest decimal that reads back as the same float: 0.1 is 0.1),
+encoded once per distinct value, since prices repeat. When a batch fails because the
 connection is lost (a server restart, a terminated backend), the writer reconnects
 and writes the same batch again, up to ``write_retries`` times with a doubling
 back-off; if the failure came after the server committed, the rows are found by
@@ -87,7 +88,13 @@ CONNECT_TIMEOUT = 5
 _TIME_FIELDS = frozenset({"timestamp", "trade_timestamp", "order_timestamp", "asset_timestamp"})
 
 
-CopyFormat = Literal["binary", "text"]
+CopyFormat = Literal["auto", "binary", "text"]
+# What "auto" writes each table with: the format that costs the writer thread less
+# (bench/README.md). A ticker carries six floats that are new in every message (its
+# cumulative volumes and amounts), an orderbook two (its totals); text COPY formats a
+# float in C, while its exact binary numeric costs Python about a microsecond more.
+# A trade's floats mostly repeat (prices), and binary is then about half the cost.
+_TEXT_WHEN_AUTO = frozenset({"tickers", "orderbooks", "candles"})
 
 
 class PostgresSettings(RecorderSettings):
@@ -111,8 +118,11 @@ class PostgresSettings(RecorderSettings):
         default=8, ge=0, description="Reconnects for one failed batch before it is lost."
     )
     copy_format: CopyFormat = Field(
-        default="binary",
-        description="'binary' COPY, or 'text' (cheaper for tickers, see bench/README.md).",
+        default="auto",
+        description=(
+            "'auto': per table, the COPY format that costs the writer less (binary for "
+            "trades, text for tickers); or 'binary' or 'text' for every table."
+        ),
     )
 
 
@@ -342,6 +352,8 @@ class _Table:
         self._pick_other = _picker([fields.index(c.name) for c in other])
         self._pick_numeric = _picker([fields.index(c.name) for c in numeric])
         self._binary_columns = (*other, *numeric)
+        #: The format "auto" writes this table with.
+        self.auto_binary = name not in _TEXT_WHEN_AUTO
         #: The types that pick psycopg's dumpers for a binary row (``Copy.set_types``).
         #: Binary COPY data carries no types: the server reads each field as its
         #: column's type. "bytea" passes the numeric encodings through unchanged.
@@ -374,8 +386,7 @@ class _Table:
             )
         return out
 
-    def copy_sql(self, schema: str, copy_format: CopyFormat = "binary") -> str:
-        binary = copy_format == "binary"
+    def copy_sql(self, schema: str, binary: bool = True) -> str:
         columns = self._binary_columns if binary else self.columns
         names = ", ".join(f'"{c.name}"' for c in columns)
         options = " (FORMAT BINARY)" if binary else ""
@@ -498,13 +509,13 @@ class _PostgresSink:
                 delay = min(delay * 2, 5.0)
 
     def _copy(self, db: psycopg.Connection[Any], pending: Pending) -> None:
-        binary = self._format == "binary"
         with db.transaction(), db.cursor() as cursor:
             for table, rows in pending.items():
+                binary = table.auto_binary if self._format == "auto" else self._format == "binary"
                 # Each row is made as it is written, so the server works on the
                 # rows already sent while the next ones are made.
                 make = table.row if binary else table.text_row
-                with cursor.copy(table.copy_sql(self._schema, self._format).encode()) as copy:
+                with cursor.copy(table.copy_sql(self._schema, binary).encode()) as copy:
                     if binary:
                         copy.set_types(table.copy_types)
                     for ident, received_at, message in rows:
@@ -535,12 +546,13 @@ class PostgresStore(BatchRecorder):
         batch_size: int = DEFAULT_BATCH_SIZE,
         flush_interval: float = 1.0,
         max_pending: int = 10_000,
-        copy_format: CopyFormat = "binary",
+        copy_format: CopyFormat = "auto",
     ) -> None:
-        """``copy_format="text"`` writes text ``COPY`` instead: slower, but the server
-        converts each value, so it also fits columns an operator changed to another type."""
-        if copy_format not in ("binary", "text"):
-            raise ValueError(f"copy_format must be 'binary' or 'text', not {copy_format!r}")
+        """``copy_format`` is ``"auto"`` (per table, the cheaper format), ``"binary"`` or
+        ``"text"`` (the server converts each value, so it also fits a column an operator
+        changed to another type)."""
+        if copy_format not in ("auto", "binary", "text"):
+            raise ValueError(f"copy_format must be auto, binary or text, not {copy_format!r}")
         self.schema = _check_schema_name(schema)
         self.copy_format = copy_format
         self.path = f"postgresql {where(dsn)} schema {schema}"
