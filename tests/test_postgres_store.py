@@ -18,7 +18,7 @@ import anyio
 import msgspec
 import pytest
 from clirun import run_upbus
-from factories import make_trade
+from factories import START_MS, make_ticker, make_trade
 from required import skip_unless_required
 from simbus import Recorder, make_bus
 
@@ -404,33 +404,36 @@ def test_binary_copy_stores_each_float_as_its_shortest_decimal_as_text_copy_does
         assert [str(v) for v in got[:5]] == [str(v) for v in expected[:5]]
 
 
-async def test_a_lost_acknowledgement_of_a_commit_does_not_write_the_batch_twice(
-    schema: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    # A TCP proxy between the store and the server that swallows the server's answer to
-    # one COMMIT and hangs up: the batch is in the table, and the store cannot know it.
-    caplog.set_level(logging.WARNING, "upbus.plugins.postgres")
-    commit_done = b"C\x00\x00\x00\x0bCOMMIT\x00"  # CommandComplete "COMMIT"
-    seen = {"commits": 0, "swallowed": 0}
-    swallow_at = 3  # the schema's creation commits first, then each batch
+class WireProxy:
+    """A TCP proxy in front of the test server that keeps what the client sends and can
+    swallow the server's answer to its n-th COMMIT, hanging up instead."""
 
-    async def relay(client: anyio.abc.SocketStream) -> None:
+    COMMIT_DONE = b"C\x00\x00\x00\x0bCOMMIT\x00"  # CommandComplete "COMMIT"
+
+    def __init__(self, swallow_commit: int | None = None) -> None:
+        self.sent = bytearray()
+        self.commits = 0
+        self.swallowed = 0
+        self._swallow = swallow_commit
+
+    async def relay(self, client: anyio.abc.SocketStream) -> None:
         server = await anyio.connect_tcp("127.0.0.1", 5432)
         async with client, server, anyio.create_task_group() as group:
 
             async def upstream() -> None:
                 with contextlib.suppress(anyio.BrokenResourceError):
                     async for chunk in client:
+                        self.sent += chunk
                         await server.send(chunk)
                 group.cancel_scope.cancel()
 
             async def downstream() -> None:
                 with contextlib.suppress(anyio.BrokenResourceError):
                     async for chunk in server:
-                        if commit_done in chunk:
-                            seen["commits"] += 1
-                            if seen["commits"] == swallow_at:
-                                seen["swallowed"] += 1
+                        if self.COMMIT_DONE in chunk:
+                            self.commits += 1
+                            if self.commits == self._swallow:
+                                self.swallowed += 1
                                 break
                         await client.send(chunk)
                 group.cancel_scope.cancel()
@@ -438,26 +441,65 @@ async def test_a_lost_acknowledgement_of_a_commit_does_not_write_the_batch_twice
             group.start_soon(upstream)
             group.start_soon(downstream)
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    # Plain text on the wire, so that the proxy can read it.
-    dsn = f"postgresql://postgres@127.0.0.1:{port}/test?sslmode=disable&gssencmode=disable"
+    async def record(self, schema: str, messages: list[Message], **options: Any) -> PostgresStore:
+        """``messages`` through a store connected via this proxy, in batches of 10."""
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        # Plain text on the wire, so that the proxy can read it.
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/test?sslmode=disable&gssencmode=disable"
+        async with listener, anyio.create_task_group() as group:
+            group.start_soon(listener.serve, self.relay)
+            store = PostgresStore(dsn, schema=schema, batch_size=10, flush_interval=0.01, **options)
+            await store.start()
+            for message in messages:
+                await store.on_message(message)
+            await store.aclose()
+            group.cancel_scope.cancel()
+        return store
+
+
+async def test_a_lost_acknowledgement_of_a_commit_does_not_write_the_batch_twice(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server commits a batch and its answer never arrives: the rows are in the
+    # table, and the store cannot know it.
+    caplog.set_level(logging.WARNING, "upbus.plugins.postgres")
+    proxy = WireProxy(swallow_commit=3)  # the schema's creation commits first
     trades = [make_trade(sequential_id=i) for i in range(1, 101)]
-    async with listener, anyio.create_task_group() as group:
-        group.start_soon(listener.serve, relay)
-        store = PostgresStore(dsn, schema=schema, batch_size=10, flush_interval=0.01)
-        await store.start()
-        for trade in trades:
-            await store.on_message(trade)
-        await store.aclose()
-        group.cancel_scope.cancel()
-    assert seen["swallowed"] == 1
+    store = await proxy.record(schema, list(trades))
+    assert proxy.swallowed == 1
     assert "retrying" in caplog.text
     stats = store.stats()
     assert stats["lost"] == 0
     assert stats["written"] == stats["accepted"] == len(trades)
     rows = query(f'SELECT id, sequential_id FROM "{schema}".trades ORDER BY id')
     assert rows == [(i, i) for i in range(1, len(trades) + 1)]
+
+
+@pytest.mark.parametrize(
+    ("copy_format", "expected"),
+    [
+        ("auto", {"tickers": "text", "trades": "binary"}),
+        ("binary", {"tickers": "binary", "trades": "binary"}),
+        ("text", {"tickers": "text", "trades": "text"}),
+    ],
+)
+async def test_copy_format_chooses_the_format_of_each_table_on_the_wire(
+    schema: str, copy_format: str, expected: dict[str, str]
+) -> None:
+    proxy = WireProxy()
+    messages: list[Message] = [make_ticker(100.0 + i, at_ms=START_MS + i) for i in range(15)]
+    messages += [make_trade(sequential_id=i) for i in range(15)]
+    store = await proxy.record(schema, messages, copy_format=copy_format)
+    assert store.written == len(messages)
+    sent = bytes(proxy.sent)
+    for table, kind in expected.items():
+        statements = re.findall(
+            rf'COPY "{schema}"."{table}" \([^)]*\) FROM STDIN([^\x00]*)\x00'.encode(), sent
+        )
+        assert statements, table
+        assert set(statements) == {b" (FORMAT BINARY)" if kind == "binary" else b""}, table
+    assert count(schema, "tickers") == count(schema, "trades") == 15
 
 
 async def test_the_section_chooses_text_copy(sim: Simulator, schema: str) -> None:
