@@ -93,7 +93,8 @@ CopyFormat = Literal["auto", "binary", "text"]
 # (bench/README.md). A ticker carries six floats that are new in every message (its
 # cumulative volumes and amounts), an orderbook two (its totals); text COPY formats a
 # float in C, while its exact binary numeric costs Python about a microsecond more.
-# A trade's floats mostly repeat (prices), and binary is then about half the cost.
+# A trade's floats mostly repeat (prices, kept encoded), and binary then costs less:
+# no text escaping, no datetime objects.
 _TEXT_WHEN_AUTO = frozenset({"tickers", "orderbooks", "candles"})
 
 
