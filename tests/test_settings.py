@@ -568,3 +568,9 @@ def test_an_invalid_plugin_setting_beside_a_dsn_does_not_show_its_password(
     assert "invalid setting plugins.postgres.batch_size = 0 (from argument)" in message
     assert "unknown setting 'plugins.postgres.dns' (from argument)" in message
     assert SECRET not in "".join(traceback.format_exception(info.value))
+
+
+def test_the_repr_of_settings_masks_the_nats_url_password() -> None:
+    settings = load_settings(nats_url="nats://alice:hunter2@nats.internal:4222")
+    assert "hunter2" not in repr(settings)
+    assert "nats://alice:****@nats.internal:4222" in repr(settings)

@@ -40,6 +40,7 @@ from upbus.settings.sources import (
     dotted,
     leaves,
     mask,
+    mask_credentials,
     origin,
 )
 
@@ -431,8 +432,14 @@ class Settings(BaseSettings):
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # Plugin sections are plain dicts, so their secrets are only recognisable by key name.
+        # A URL's password (nats_url's) is masked like everywhere settings are shown.
         for key, value in super().__repr_args__():
-            yield key, mask(value) if key == "plugins" else value
+            if key == "plugins":
+                yield key, mask(value)
+            elif key == "nats_url" and isinstance(value, str):
+                yield key, mask_credentials(value)
+            else:
+                yield key, value
 
 
 def load_settings(*, _cwd: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

@@ -122,11 +122,7 @@ async def bucket(client: Client, name: str, *, history: int = 1) -> KeyValue:
 
 
 def shown_url(urls: str) -> str:
-    """``urls`` (comma-separated) without the credentials any of them holds."""
-    shown = []
-    for url in urls.split(","):
-        scheme, sep, rest = url.strip().partition("://")
-        if "@" in rest:
-            rest = "****@" + rest.split("@", 1)[1]
-        shown.append(scheme + sep + rest)
-    return ",".join(shown)
+    """``urls`` (comma-separated) with any password shown as ``****``, as settings show it."""
+    from upbus.settings.sources import mask_credentials
+
+    return mask_credentials(urls)
