@@ -506,3 +506,28 @@ async def test_a_remote_bus_on_trio_is_a_clear_error(nats_server: NatsServer) ->
     with pytest.raises(upbus.ConfigError, match="asyncio only"):
         async with remote_bus(nats_server):
             pass
+
+
+def test_a_remote_bus_without_the_nats_extra_says_how_to_install_it() -> None:
+    import subprocess
+
+    program = (
+        "import sys\n"
+        "sys.modules['nats'] = None  # as if the extra were not installed\n"
+        "import anyio, upbus\n"
+        "async def main():\n"
+        "    async with upbus.Bus(upstream='gateway', nats_url='nats://127.0.0.1:1'):\n"
+        "        pass\n"
+        "anyio.run(main)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_environment(),
+        check=False,
+    )
+    assert ran.returncode == 1
+    assert "upbus.core._errors.ConfigError" in ran.stderr
+    assert "needs the nats extra: pip install 'upbus[nats]'" in ran.stderr

@@ -56,6 +56,7 @@ from upbus.core.wire._auth import bearer_headers
 from upbus.core.wire._messages import Message
 from upbus.core.wire._transport import Transport
 from upbus.settings import Settings, load_settings
+from upbus.settings.sources import mask_credentials
 
 __all__ = ("Bus",)
 
@@ -190,6 +191,9 @@ class Bus(AsyncContextManagerMixin):
             url, scope, headers = settings.public_url, "ip", _no_headers
         else:
             url, scope, headers = settings.private_url, self._account_scope(), self._private_headers
+        if settings.upstream == "gateway" and settings.nats_url is not None:
+            # A remote bus's connections go to the gateways: logs and metrics say so.
+            url = f"the gateways on {mask_credentials(settings.nats_url)}"
         connect_limiter = self._connect_limiters.get(scope)
         if connect_limiter is None:
             connect_limiter = self.plugins.make_rate_limiter("connect", scope, settings)

@@ -88,6 +88,13 @@ class RemoteTransport:
                 "(UPBUS_NATS_URL=nats://host:4222)"
             )
         try:
+            import nats  # noqa: F401  (only to fail early and clearly without the extra)
+        except ImportError:
+            raise ConfigError(
+                "a remote bus (upstream = 'gateway') needs the nats extra: "
+                "pip install 'upbus[nats]'"
+            ) from None
+        try:
             asyncio.get_running_loop()
         except RuntimeError:
             raise ConfigError(
