@@ -216,3 +216,20 @@ def test_upbus_sim_refuses_an_unknown_region() -> None:
     assert last.startswith("Error: ")
     assert "'eu'" in last
     assert all(region in last for region in HOSTS)
+
+
+def test_run_with_the_embedded_simulator_serves_the_region_s_markets() -> None:
+    ran = run_upbus(
+        "run",
+        "--sim",
+        "--no-store",
+        "--seconds",
+        "2",
+        env={
+            "UPBUS_REGION": "sg",
+            "UPBUS_PLUGINS__CONSOLE__ENABLED": "true",
+            "UPBUS_PLUGINS__CONSOLE__SPECS": '[{"type": "ticker", "codes": ["SGD-XRP"]}]',
+        },
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "SGD-XRP" in ran.stdout

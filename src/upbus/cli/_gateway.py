@@ -48,7 +48,10 @@ def gateway(nats_url: str | None, use_sim: bool, url: str | None, status_every: 
             if use_sim:
                 from upbus.sim import SimConfig, Simulator
 
-                exchange = await stack.enter_async_context(Simulator(SimConfig()))
+                # The embedded venue serves the configured region's markets.
+                exchange = await stack.enter_async_context(
+                    Simulator(SimConfig(region=settings.region))
+                )
                 used = settings.model_copy(
                     update={"public_url": exchange.public_url, "private_url": exchange.private_url}
                 )

@@ -76,7 +76,10 @@ def run(
                 if use_sim:
                     from upbus.sim import SimConfig, Simulator
 
-                    exchange = await stack.enter_async_context(Simulator(SimConfig()))
+                    # The embedded venue serves the configured region's markets.
+                    exchange = await stack.enter_async_context(
+                        Simulator(SimConfig(region=settings.region))
+                    )
                     settings = settings.model_copy(
                         update={
                             "public_url": exchange.public_url,
