@@ -97,6 +97,24 @@ def test_watch_my_asset_shows_the_balances_move(trial: Trial, tmp_path: Path) ->
     assert Decimal(str(placed[0]["locked"])) > 0
 
 
+def test_watch_table_lines_show_each_order_s_state_side_price_and_fill(
+    trial: Trial, tmp_path: Path
+) -> None:
+    result = run_upbus(
+        "watch", "myOrder", "--private-url", trial.private, "--count", "2",
+        env=KEYS, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    pattern = (
+        r"myOrder +KRW-\w+ +(wait|trade|done|cancel) +(BID|ASK) +[\d,.]+ x [\d,.]+"
+        r"  executed [\d,.]+  [0-9a-f]{8}"
+    )
+    assert re.fullmatch(pattern, first), first
+    assert re.fullmatch(pattern, second), second
+    assert first.split()[2] == "wait"
+
+
 @pytest.mark.parametrize(
     ("option", "value"), [("--orders", "-1"), ("--orders", "x"), ("--order-interval", "0")]
 )

@@ -82,7 +82,22 @@ def table_line(message: Message) -> str:
             f"{message.type:<9} {message.code:<10} bid {best.bid_price:>14,.2f} "
             f"ask {best.ask_price:>14,.2f}  ({len(message.orderbook_units)} units)"
         )
+    if isinstance(message, MyOrder):
+        # What a trader checks first: which order, its state, side, price and fill.
+        return (
+            f"{message.type:<9} {message.code:<10} {message.state:<7} {message.ask_bid:<4}"
+            f"{_number(message.price):>16} x {_number(message.volume)}"
+            f"  executed {_number(message.executed_volume)}  {message.uuid[:8]}"
+        )
+    if isinstance(message, MyAsset):
+        held = ", ".join(f"{a.currency} {a.balance} ({a.locked} locked)" for a in message.assets)
+        return f"{message.type:<9} {held}"
     return f"{message.type:<9} {message.code:<10} {message.stream_type}"
+
+
+def _number(value: float | None) -> str:
+    # A private event may carry null volumes (a market buy waiting has none).
+    return "-" if value is None else f"{value:,.8g}"
 
 
 class Board:
