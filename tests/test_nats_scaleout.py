@@ -201,15 +201,20 @@ def remote_bus(nats: NatsServer, **nats_section: Any) -> upbus.Bus:
     )
 
 
+async def leader_and_standby(start: Callable[..., Any], env: dict[str, str]) -> list[Lines]:
+    """Two ``upbus gateway`` processes: the first leading, the second ready, standing by."""
+    leader = await start([*UPBUS, "gateway"], "first gateway", env)
+    await leader.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+    standby = await start([*UPBUS, "gateway"], "second gateway", env)
+    await standby.wait_for(lambda lines: any("ready on" in x for x in lines), 15)
+    return [leader, standby]
+
+
 async def test_killing_the_leader_hands_over_within_two_seconds_without_duplicates(
     nats_server: NatsServer, sim: Simulator
 ) -> None:
     async with processes() as start:
-        env = gateway_env(nats_server, sim)
-        leader = await start([*UPBUS, "gateway"], "first gateway", env)
-        await leader.wait_for(lambda lines: any("leading" in x for x in lines), 15)
-        standby = await start([*UPBUS, "gateway"], "second gateway", env)
-        await standby.wait_for(lambda lines: any("ready on" in x for x in lines), 15)
+        leader, standby = await leader_and_standby(start, gateway_env(nats_server, sim))
         async with remote_bus(nats_server) as bus:
             component = Collector()
             await bus.register_component(
@@ -338,11 +343,7 @@ async def test_a_paused_leader_stops_publishing_and_steps_down_when_it_wakes(
     nats_server: NatsServer, sim: Simulator
 ) -> None:
     async with processes() as start:
-        env = gateway_env(nats_server, sim)
-        first = await start([*UPBUS, "gateway"], "first gateway", env)
-        await first.wait_for(lambda lines: any("leading" in x for x in lines), 15)
-        second = await start([*UPBUS, "gateway"], "second gateway", env)
-        await second.wait_for(lambda lines: any("ready on" in x for x in lines), 15)
+        first, second = await leader_and_standby(start, gateway_env(nats_server, sim))
         async with remote_bus(nats_server) as bus:
             component = Collector()
             await bus.register_component(component, [upbus.trade("KRW-BTC", "KRW-ETH")])

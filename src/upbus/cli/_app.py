@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -69,6 +70,19 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
                 err=True,
             )
             scope.cancel()
+
+
+async def embedded_simulator(stack: AsyncExitStack, settings: Settings) -> Settings:
+    """Start a local simulator in ``stack``; return ``settings`` pointing at it.
+
+    It serves the markets of the configured region.
+    """
+    from upbus.sim import SimConfig, Simulator
+
+    exchange = await stack.enter_async_context(Simulator(SimConfig(region=settings.region)))
+    return settings.model_copy(
+        update={"public_url": exchange.public_url, "private_url": exchange.private_url}
+    )
 
 
 def settings_from(**overrides: Any) -> Settings:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 import click
 
-from upbus.cli._app import main, run_until_signal, settings_from
+from upbus.cli._app import embedded_simulator, main, run_until_signal, settings_from
 
 if TYPE_CHECKING:
     from upbus.plugins.nats._gateway import Gateway
@@ -44,17 +44,7 @@ def gateway(nats_url: str | None, use_sim: bool, url: str | None, status_every: 
 
     async def body() -> None:
         async with AsyncExitStack() as stack:
-            used = settings
-            if use_sim:
-                from upbus.sim import SimConfig, Simulator
-
-                # The embedded venue serves the configured region's markets.
-                exchange = await stack.enter_async_context(
-                    Simulator(SimConfig(region=settings.region))
-                )
-                used = settings.model_copy(
-                    update={"public_url": exchange.public_url, "private_url": exchange.private_url}
-                )
+            used = await embedded_simulator(stack, settings) if use_sim else settings
             server = Gateway(used, on_status=say)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(report, server)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 import click
 
-from upbus.cli._app import main, run_until_signal, settings_from
+from upbus.cli._app import embedded_simulator, main, run_until_signal, settings_from
 from upbus.cli._live import Rates, bus_view, show_live, status_line, wants_live
 from upbus.cli._otel import otel_option
 from upbus.core._bus import Bus
@@ -72,20 +72,7 @@ def run(
         recorders: list[SqliteStore | JsonlRecorder | PostgresStore] = []
         try:
             async with AsyncExitStack() as stack:
-                settings = base
-                if use_sim:
-                    from upbus.sim import SimConfig, Simulator
-
-                    # The embedded venue serves the configured region's markets.
-                    exchange = await stack.enter_async_context(
-                        Simulator(SimConfig(region=settings.region))
-                    )
-                    settings = settings.model_copy(
-                        update={
-                            "public_url": exchange.public_url,
-                            "private_url": exchange.private_url,
-                        }
-                    )
+                settings = await embedded_simulator(stack, base) if use_sim else base
                 settings = _with_store(settings, db, enabled=not no_store)
                 bus = await stack.enter_async_context(
                     Bus(settings, tracer_provider=tracer_provider)

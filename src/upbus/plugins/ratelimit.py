@@ -18,20 +18,26 @@ from upbus.plugin import LimiterKind, hookimpl
 from upbus.settings import Settings
 
 
+def connect_limiter(scope: str, settings: Settings) -> RollingWindowLimiter:
+    """The connect limiter of ``scope`` per the ``rate_limit`` settings."""
+    limits = settings.rate_limit
+    return upbit_connect_limiter(
+        f"connect {scope}",
+        per_second=limits.connect_per_second,
+        margin=limits.margin,
+        max_wait=limits.max_wait,
+        backoff_initial=limits.backoff_initial,
+        backoff_max=limits.backoff_max,
+    )
+
+
 @hookimpl(trylast=True)
 def upbus_make_rate_limiter(
     kind: LimiterKind, scope: str, settings: Settings
 ) -> RollingWindowLimiter:
     limits = settings.rate_limit
     if kind == "connect":
-        return upbit_connect_limiter(
-            f"connect {scope}",
-            per_second=limits.connect_per_second,
-            margin=limits.margin,
-            max_wait=limits.max_wait,
-            backoff_initial=limits.backoff_initial,
-            backoff_max=limits.backoff_max,
-        )
+        return connect_limiter(scope, settings)
     if kind == "message":
         return upbit_message_limiter(
             f"messages {scope}",

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from upbus.core.sending._ratelimit import RateLimiter, upbit_connect_limiter
+from upbus.core.sending._ratelimit import RateLimiter
 from upbus.core.subscriptions._specs import Channel
 from upbus.plugin import LimiterKind, hookimpl
+from upbus.plugins.ratelimit import connect_limiter
 from upbus.settings import Settings
 
 if TYPE_CHECKING:
@@ -49,13 +50,6 @@ def upbus_make_rate_limiter(
         return None
     from upbus.plugins.nats._limiter import SharedConnectLimiter
 
-    limits = settings.rate_limit
-    local = upbit_connect_limiter(
-        f"connect {scope}",
-        per_second=limits.connect_per_second,
-        margin=limits.margin,
-        max_wait=limits.max_wait,
-        backoff_initial=limits.backoff_initial,
-        backoff_max=limits.backoff_max,
-    )
+    # The host's budget is shared; the local one still holds this process's back-off.
+    local = connect_limiter(scope, settings)
     return SharedConnectLimiter(settings, scope, local)
