@@ -9,8 +9,11 @@ import anyio
 import click
 
 from upbus.cli._app import embedded_simulator, main, run_until_signal, settings_from
+from upbus.cli._otel import otel_option
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from upbus.plugins.nats._gateway import Gateway
 
 
@@ -25,7 +28,14 @@ if TYPE_CHECKING:
     show_default=True,
     help="Seconds between status lines on stderr.",
 )
-def gateway(nats_url: str | None, use_sim: bool, url: str | None, status_every: float) -> None:
+@otel_option
+def gateway(
+    nats_url: str | None,
+    use_sim: bool,
+    url: str | None,
+    status_every: float,
+    tracer_provider: TracerProvider | None,
+) -> None:
     """Serve remote buses (upstream = gateway) over NATS.
 
     Several gateways on one NATS elect one leader; the others stand by and take
@@ -45,7 +55,7 @@ def gateway(nats_url: str | None, use_sim: bool, url: str | None, status_every: 
     async def body() -> None:
         async with AsyncExitStack() as stack:
             used = await embedded_simulator(stack, settings) if use_sim else settings
-            server = Gateway(used, on_status=say)
+            server = Gateway(used, on_status=say, tracer_provider=tracer_provider)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(report, server)
                 await server.run()
