@@ -818,7 +818,8 @@ def rewrite(line: str, sim: Simulator | None) -> str:
             stop = r"timeout -s TERM 2 upbus\1"
             line = re.sub(r"(?<![\w/.-])upbus((?:\s+-v+)?\s+sim)\b", stop, line)
         if subcommand == "gateway":
-            stop = r"timeout -s TERM 6 upbus\1"
+            # --foreground: the signal reaches the gateway once, not again through its group.
+            stop = r"timeout --foreground -s TERM 6 upbus\1"
             line = re.sub(r"(?<![\w/.-])upbus((?:\s+-v+)?\s+gateway)\b", stop, line)
     return line
 
