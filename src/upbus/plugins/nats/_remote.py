@@ -135,9 +135,13 @@ class RemoteTransport:
         assert self._gateway is not None
         leader, revision = await self._await_leader(self._gateway)
         self._leader = leader
-        self._state = "connected"
         conn = RemoteConnection(self, client, self._leases, self._gateway, leader, revision)
-        await conn.start()
+        try:
+            await conn.start()
+        except Exception as exc:  # NATS went away meanwhile: a failed connect, retried
+            self._state = "NATS unreachable"
+            raise NatsUnavailable(f"subscribing on NATS failed: {exc}") from None
+        self._state = "connected"
         self.current = conn
         return conn
 
@@ -296,10 +300,16 @@ class RemoteConnection:
         self._check_open()
         request = orjson.loads(text)
         subjects = self._subjects(request)
-        for subject in subjects.keys() - self._subscriptions.keys():
-            self._subscriptions[subject] = await self._client.subscribe(subject, cb=self._on_data)
-        for subject in self._subscriptions.keys() - subjects.keys():
-            await self._subscriptions.pop(subject).unsubscribe()
+        try:
+            for subject in subjects.keys() - self._subscriptions.keys():
+                subscription = await self._client.subscribe(subject, cb=self._on_data)
+                self._subscriptions[subject] = subscription
+            for subject in self._subscriptions.keys() - subjects.keys():
+                await self._subscriptions.pop(subject).unsubscribe()
+        except Exception as exc:
+            # The transport's errors end this connection; the bus reconnects and resends.
+            self.end(f"subscribing on NATS failed: {exc}")
+            raise TransportError(f"subscribing on NATS failed: {exc}") from None
         self._lease = orjson.dumps(
             {
                 "request": request,
