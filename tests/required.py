@@ -7,7 +7,9 @@ a failure. Elsewhere such a test may skip, with a reason naming what is missing.
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import Any
 
 import pytest
 
@@ -19,3 +21,16 @@ def skip_unless_required(reason: str) -> None:
     if REQUIRED:
         pytest.fail(f"{reason} (required here: CI or UPBUS_REQUIRE_SERVICES=1)")
     pytest.skip(reason)
+
+
+def import_or_skip(module: str, reason: str) -> Any:
+    """Import ``module``, or skip with ``reason`` — a failure where everything is required.
+
+    For the optional extras the test extra installs (psycopg, picows): CI must run
+    their tests, never skip them for a broken install.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        skip_unless_required(reason)
+        raise  # not reached: skip_unless_required raises

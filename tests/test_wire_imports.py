@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
+from required import import_or_skip
 
-pytest.importorskip("picows")
+# picows is optional (the fast extra); the test extra installs it, so CI runs this.
+import_or_skip("picows", "the fast extra (picows) is not installed")
 
 
 def test_the_picows_transport_loads_without_httpx_and_wsproto() -> None:
