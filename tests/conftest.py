@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from natsserver import nats_server  # noqa: F401  (a fixture for every test module)
+from pgtest import schema  # noqa: F401  (a fixture for every test module)
 from simbus import funded_config
 from wsservers import make_certificate
 

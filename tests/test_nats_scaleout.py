@@ -23,6 +23,7 @@ import pytest
 from anyio.abc import Process
 from clirun import UPBUS, clean_environment
 from natsserver import NatsServer
+from simbus import ACCESS, SECRET, funded_config
 
 import upbus
 from upbus.sim import SimConfig, Simulator
@@ -133,8 +134,7 @@ async def test_two_remote_processes_share_one_upstream_and_a_killed_one_leaves_i
     nats_server: NatsServer, sim: Simulator
 ) -> None:
     async with processes() as start:
-        gateway = await start([*UPBUS, "gateway"], "gateway", gateway_env(nats_server, sim))
-        await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        gateway = await leading_gateway(start, gateway_env(nats_server, sim))
         assert gateway.lines[0].startswith("upbus gateway ")
         assert gateway.lines[0].endswith(f"ready on {nats_server.url}")
         env = {"UPBUS_NATS__LEASE_TTL": str(LEASE_TTL)}
@@ -201,10 +201,26 @@ def remote_bus(nats: NatsServer, **nats_section: Any) -> upbus.Bus:
     )
 
 
+async def leading_gateway(start: Callable[..., Any], env: dict[str, str], *options: str) -> Lines:
+    """An ``upbus gateway`` process, once it says it leads."""
+    gateway = await start([*UPBUS, *options, "gateway"], "gateway", env)
+    await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+    return gateway
+
+
+def private_env(base: dict[str, str], *, publish: bool) -> dict[str, str]:
+    """A gateway's environment with the test account's keys, as account alice."""
+
+    env = {**base, "UPBUS_ACCESS_KEY": ACCESS, "UPBUS_SECRET_KEY": SECRET}
+    env["UPBUS_NATS__ACCOUNT"] = "alice"
+    if publish:
+        env["UPBUS_NATS__PUBLISH_PRIVATE"] = "true"
+    return env
+
+
 async def leader_and_standby(start: Callable[..., Any], env: dict[str, str]) -> list[Lines]:
     """Two ``upbus gateway`` processes: the first leading, the second ready, standing by."""
-    leader = await start([*UPBUS, "gateway"], "first gateway", env)
-    await leader.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+    leader = await leading_gateway(start, env)
     standby = await start([*UPBUS, "gateway"], "second gateway", env)
     await standby.wait_for(lambda lines: any("ready on" in x for x in lines), 15)
     return [leader, standby]
@@ -257,8 +273,7 @@ async def test_nats_restarted_under_a_gateway_and_a_remote_both_recover(
     nats_server: NatsServer, sim: Simulator
 ) -> None:
     async with processes() as start:
-        gateway = await start([*UPBUS, "gateway"], "gateway", gateway_env(nats_server, sim))
-        await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        await leading_gateway(start, gateway_env(nats_server, sim))
         async with remote_bus(nats_server) as bus:
             component = Collector()
             await bus.register_component(component, [upbus.ticker("KRW-BTC")])
@@ -323,8 +338,7 @@ async def test_a_cleanly_stopped_remote_leaves_the_upstream_at_once(
 ) -> None:
     async with processes() as start:
         env = {**gateway_env(nats_server, sim), "UPBUS_NATS__LEASE_TTL": "10"}
-        gateway = await start([*UPBUS, "gateway"], "gateway", env)
-        await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        await leading_gateway(start, env)
         remote_env = {"UPBUS_NATS__LEASE_TTL": "10"}
         stays = await start([*REMOTE, nats_server.url, "ticker", "KRW-ETH"], "stays", remote_env)
         leaves = await start([*REMOTE, nats_server.url, "ticker", "KRW-BTC"], "leaves", remote_env)
@@ -368,18 +382,10 @@ async def test_a_paused_leader_stops_publishing_and_steps_down_when_it_wakes(
 async def test_private_data_crosses_nats_only_when_enabled_and_only_to_its_account(
     nats_server: NatsServer,
 ) -> None:
-    from simbus import ACCESS, SECRET, funded_config
 
     async with Simulator(funded_config(rate=20.0)) as sim, processes() as start:
-        env = {
-            **gateway_env(nats_server, sim),
-            "UPBUS_ACCESS_KEY": ACCESS,
-            "UPBUS_SECRET_KEY": SECRET,
-            "UPBUS_NATS__PUBLISH_PRIVATE": "true",
-            "UPBUS_NATS__ACCOUNT": "alice",
-        }
-        gateway = await start([*UPBUS, "gateway"], "gateway", env)
-        await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        env = private_env(gateway_env(nats_server, sim), publish=True)
+        await leading_gateway(start, env)
         async with (
             remote_bus(nats_server, account="alice") as alice,
             remote_bus(nats_server, account="mallory") as mallory,
@@ -406,17 +412,10 @@ async def test_private_data_crosses_nats_only_when_enabled_and_only_to_its_accou
 async def test_a_gateway_without_publish_private_serves_no_private_data(
     nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from simbus import ACCESS, SECRET, funded_config
 
     async with Simulator(funded_config(rate=20.0)) as sim, processes() as start:
-        env = {
-            **gateway_env(nats_server, sim),
-            "UPBUS_ACCESS_KEY": ACCESS,
-            "UPBUS_SECRET_KEY": SECRET,
-            "UPBUS_NATS__ACCOUNT": "alice",
-        }
-        gateway = await start([*UPBUS, "-v", "gateway"], "gateway", env)
-        await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+        env = private_env(gateway_env(nats_server, sim), publish=False)
+        await leading_gateway(start, env, "-v")
         async with remote_bus(nats_server, account="alice") as bus:
             component = Collector()
             await bus.register_component(component, [upbus.my_order(), upbus.ticker("KRW-BTC")])
@@ -443,7 +442,6 @@ async def test_the_documented_permissions_keep_one_accounts_orders_its_own(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from natsserver import BINARY, free_port, require_nats_server
-    from simbus import ACCESS, SECRET, funded_config
 
     require_nats_server()
     port = free_port()
@@ -457,16 +455,12 @@ async def test_the_documented_permissions_keep_one_accounts_orders_its_own(
 
     try:
         async with Simulator(funded_config(rate=20.0)) as sim, processes() as start:
-            env = {
+            base = {
                 **gateway_env(NatsServer(tmp_path, port), sim),
                 "UPBUS_NATS_URL": url("gateway"),
-                "UPBUS_ACCESS_KEY": ACCESS,
-                "UPBUS_SECRET_KEY": SECRET,
-                "UPBUS_NATS__PUBLISH_PRIVATE": "true",
-                "UPBUS_NATS__ACCOUNT": "alice",
             }
-            gateway = await start([*UPBUS, "gateway"], "gateway", env)
-            await gateway.wait_for(lambda lines: any("leading" in x for x in lines), 15)
+            env = private_env(base, publish=True)
+            await leading_gateway(start, env)
             settings = {"upstream": "gateway", "autoload_plugins": False}
             async with (
                 upbus.Bus(**settings, nats_url=url("alice"), nats={"account": "alice"}) as alice,

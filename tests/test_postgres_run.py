@@ -6,34 +6,17 @@ import re
 import signal
 import sqlite3
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from clirun import UPBUS, clean_environment
-from required import import_or_skip, skip_unless_required
+from pgtest import DSN
+from required import import_or_skip
 
-# The postgres extra is optional; the test extra installs it, so CI runs these.
+# The postgres extra is optional; the test extra installs it, so CI runs these tests.
 psycopg = import_or_skip("psycopg", "the postgres extra (psycopg) is not installed")
 
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
 TABLES = ("tickers", "trades", "orderbooks", "candles", "my_orders", "my_assets")
-
-
-@pytest.fixture
-def schema() -> Iterator[str]:
-    """A fresh schema name on the test server, dropped after the test."""
-    try:
-        admin = psycopg.connect(DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        skip_unless_required(f"PostgreSQL at 127.0.0.1:5432 (database test) unreachable: {exc}")
-    name = f"upbus_run_{uuid.uuid4().hex[:12]}"
-    try:
-        yield name
-    finally:
-        admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'.encode())
-        admin.close()
 
 
 def postgres_rows(schema: str) -> int:

@@ -8,8 +8,6 @@ import logging
 import random
 import re
 import socket
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -19,7 +17,8 @@ import msgspec
 import pytest
 from clirun import run_upbus
 from factories import START_MS, make_ticker, make_trade
-from required import import_or_skip, skip_unless_required
+from pgtest import DSN
+from required import import_or_skip
 from simbus import Recorder, make_bus
 
 import upbus
@@ -30,12 +29,11 @@ from upbus.plugins import postgres_store
 from upbus.plugins.postgres_store import PostgresStore, PostgresUnreachable, summarize
 from upbus.sim import SimConfig, Simulator
 
-# The postgres extra is optional; the test extra installs it, so CI runs these.
+# The postgres extra is optional; the test extra installs it, so CI runs these tests.
 psycopg = import_or_skip("psycopg", "the postgres extra (psycopg) is not installed")
 
 pytestmark = pytest.mark.anyio
 
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
 SPECS = [
     {"type": "ticker", "codes": ["KRW-BTC", "KRW-ETH"]},
     {"type": "trade", "codes": ["KRW-BTC"]},
@@ -47,21 +45,6 @@ TABLES = ("tickers", "trades", "orderbooks", "candles", "my_orders", "my_assets"
 @pytest.fixture
 def sim_config() -> SimConfig:
     return SimConfig(rate=1000.0)
-
-
-@pytest.fixture
-def schema() -> Iterator[str]:
-    """A fresh schema name on the test server, dropped after the test."""
-    try:
-        admin = psycopg.connect(DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        skip_unless_required(f"PostgreSQL at 127.0.0.1:5432 (database test) unreachable: {exc}")
-    name = f"upbus_test_{uuid.uuid4().hex[:12]}"
-    try:
-        yield name
-    finally:
-        admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'.encode())
-        admin.close()
 
 
 def query(sql: str, *args: Any) -> list[tuple[Any, ...]]:

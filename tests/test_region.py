@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from decimal import Decimal
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from clirun import UPBUS, clean_environment, run_upbus
+from isolation import clean_env  # noqa: F401  (autouse: every test here)
 from simbus import Recorder, settings_for
 
 import upbus
@@ -26,15 +26,6 @@ HOSTS = {
     "th": "th-api.upbit.com",
 }
 LOCAL = "ws://127.0.0.1:9/websocket/v1"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No real UPBUS_* variable or project file may leak into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("UPBUS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 def sources(settings: upbus.Settings) -> dict[str, str]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
+from isolation import clean_env  # noqa: F401  (autouse: every test here)
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from upbus.core._errors import ConfigError
@@ -22,15 +22,6 @@ from upbus.settings import (
 from upbus.settings.sources import NOT_SETTINGS
 
 SECRET = "sk-VERY-SECRET-0123456789"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No real UPBUS_* variable or project file may leak into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("UPBUS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 def write(path: Path, text: str) -> Path:
