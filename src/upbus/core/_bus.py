@@ -12,7 +12,6 @@ the others). It runs as an async context manager::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -52,7 +51,7 @@ from upbus.core.subscriptions._specs import (
     parse_specs,
 )
 from upbus.core.subscriptions._state import StateChange
-from upbus.core.wire._auth import bearer_headers
+from upbus.core.wire._auth import account_digest, bearer_headers
 from upbus.core.wire._messages import Message
 from upbus.core.wire._transport import Transport
 from upbus.settings import Settings, load_settings
@@ -247,8 +246,7 @@ class Bus(AsyncContextManagerMixin):
         if key is None:
             return "account:none"
         # The scope names the account in logs and status without revealing the key.
-        digest = hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:12]
-        return f"account:{digest}"
+        return f"account:{account_digest(key)}"
 
     def _private_headers(self) -> Mapping[str, str]:
         access, secret = self.settings.access_key, self.settings.secret_key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 import warnings
 
@@ -9,7 +10,7 @@ import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 from pydantic import SecretStr
 
-__all__ = ("bearer_headers", "make_token")
+__all__ = ("account_digest", "bearer_headers", "make_token")
 
 
 def make_token(access_key: SecretStr, secret_key: SecretStr, algorithm: str = "HS512") -> str:
@@ -24,6 +25,11 @@ def make_token(access_key: SecretStr, secret_key: SecretStr, algorithm: str = "H
         # PyJWT's advice on HMAC key length would only be noise on every connect.
         warnings.simplefilter("ignore", InsecureKeyLengthWarning)
         return jwt.encode(payload, secret_key.get_secret_value().encode(), algorithm=algorithm)
+
+
+def account_digest(access_key: SecretStr) -> str:
+    """A short name for the account of ``access_key`` that does not reveal the key."""
+    return hashlib.sha256(access_key.get_secret_value().encode()).hexdigest()[:12]
 
 
 def bearer_headers(access_key: SecretStr, secret_key: SecretStr, algorithm: str) -> dict[str, str]:

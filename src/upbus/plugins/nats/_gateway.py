@@ -125,6 +125,8 @@ class Gateway:
         self._client: Client | None = None
         self._leadership: Leadership | None = None
         self._refused: set[str] = set()
+        # Set when NATS reconnects: the lease watch starts over and reads every lease.
+        self._rewatch = False
         self.bus: Bus | None = None
         self.published = 0
         self.dropped = 0
@@ -237,8 +239,6 @@ class Gateway:
     async def _nats_back(self) -> None:
         # Watchers of a restarted server may have missed changes: read every lease again.
         self._rewatch = True
-
-    _rewatch = False
 
     async def _watch_leases(self, kv: KeyValue) -> None:
         while True:

@@ -30,6 +30,7 @@ import orjson
 
 from upbus.core._errors import ConfigError
 from upbus.core.subscriptions._specs import PRIVATE_TYPES, Channel, parse_specs
+from upbus.core.wire._auth import account_digest
 from upbus.core.wire._transport import ConnectionClosed, TransportError
 from upbus.plugins.nats._client import (
     NatsUnavailable,
@@ -72,10 +73,8 @@ def account_name(settings: Settings) -> str | None:
         return settings.nats.account
     if settings.access_key is None:
         return None
-    import hashlib
-
-    digest = hashlib.sha256(settings.access_key.get_secret_value().encode()).hexdigest()
-    return digest[:12]
+    # The same name as the bus's private connect scope (``account:<digest>``).
+    return account_digest(settings.access_key)
 
 
 class RemoteTransport:
