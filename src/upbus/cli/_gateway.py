@@ -9,6 +9,7 @@ import anyio
 import click
 
 from upbus.cli._app import embedded_simulator, main, run_until_signal, settings_from
+from upbus.cli._live import status_line as channels_line
 from upbus.cli._otel import otel_option
 
 if TYPE_CHECKING:
@@ -49,13 +50,10 @@ def gateway(
     if settings.nats_url is None:
         raise click.UsageError("no NATS server: pass --nats nats://host:4222 or set UPBUS_NATS_URL")
 
-    def say(line: str) -> None:
-        click.echo(line)
-
     async def body() -> None:
         async with AsyncExitStack() as stack:
             used = await embedded_simulator(stack, settings) if use_sim else settings
-            server = Gateway(used, on_status=say, tracer_provider=tracer_provider)
+            server = Gateway(used, on_status=click.echo, tracer_provider=tracer_provider)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(report, server)
                 await server.run()
@@ -78,7 +76,5 @@ def status_line(server: Gateway) -> str:
         f"{status['dropped']} dropped"
     )
     if server.bus is not None:
-        for channel, metrics in server.bus.get_connection_metrics().items():
-            if metrics["connects"] or metrics["state"] != "idle":
-                line += f"; {channel}: {metrics['state']}, {metrics['messages_in']} messages"
+        line += f"; {channels_line(server.bus)}"
     return line

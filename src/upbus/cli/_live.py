@@ -307,7 +307,7 @@ def bus_view(
     spaced: list[RenderableType] = []
     for part in parts:
         spaced += [part, Text("")] if isinstance(part, Table) else [part]
-    return Group(*spaced[:-1] if spaced and isinstance(parts[-1], Table) else spaced)
+    return Group(*spaced[:-1])  # the last part is always a table: no blank line after it
 
 
 def wants_live(plain: bool = False) -> bool:

@@ -9,7 +9,6 @@ import orjson
 from rich.table import Table
 from rich.text import Text
 
-from upbus.core.delivery._buffer import Subscriber
 from upbus.core.delivery._events import BusEvent, ConnectionEvent
 from upbus.core.wire._codec import to_default_dict
 from upbus.core.wire._messages import (
@@ -30,18 +29,12 @@ class Printer:
         self,
         fmt: str,
         count: int | None = None,
-        label: str = "",
         *,
         connection_events: bool = True,
     ) -> None:
         self.fmt = fmt
         self.connection_events = connection_events
         self.left = count
-        self.prefix = f"{label:<6}| " if label else ""
-
-    async def drive(self, subscriber: Subscriber) -> None:
-        async for item in subscriber:
-            self.show(item)
 
     def show(self, item: Message | BusEvent) -> bool:
         """Print ``item``; return whether the count is reached."""
@@ -56,7 +49,7 @@ class Printer:
         if self.fmt == "json":
             click.echo(orjson.dumps(to_default_dict(item)).decode())
         else:
-            click.echo(self.prefix + table_line(item))
+            click.echo(table_line(item))
         if self.left is not None:
             self.left -= 1
             return self.left <= 0

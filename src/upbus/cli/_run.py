@@ -95,11 +95,13 @@ def run(
                 rates = Rates()
                 with anyio.move_on_after(seconds if seconds is not None else math.inf):
                     if wants_live(plain):
+                        # Redrawn until the run is stopped.
                         await show_live(lambda: bus_view(bus, recorders, rates=rates))
-                    rates.observe(bus.get_connection_metrics())  # where the first rate starts
-                    while True:
-                        await anyio.sleep(status_every)
-                        click.echo(status_line(bus, rates), err=True)
+                    else:
+                        rates.observe(bus.get_connection_metrics())  # the first rate's start
+                        while True:
+                            await anyio.sleep(status_every)
+                            click.echo(status_line(bus, rates), err=True)
         finally:
             # The bus flushed the recorders as it closed (on a signal too); report each.
             for recorder in recorders:

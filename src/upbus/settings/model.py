@@ -40,7 +40,6 @@ from upbus.settings.sources import (
     dotted,
     leaves,
     mask,
-    mask_credentials,
     origin,
 )
 
@@ -431,15 +430,10 @@ class Settings(BaseSettings):
         return self.model_dump() == other.model_dump()
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        # Plugin sections are plain dicts, so their secrets are only recognisable by key name.
-        # A URL's password (nats_url's) is masked like everywhere settings are shown.
+        # Plugin sections are plain dicts, so their secrets are only recognisable by key
+        # name; a URL's password (nats_url's, say) is masked in any value.
         for key, value in super().__repr_args__():
-            if key == "plugins":
-                yield key, mask(value)
-            elif key == "nats_url" and isinstance(value, str):
-                yield key, mask_credentials(value)
-            else:
-                yield key, value
+            yield key, mask(value)
 
 
 def load_settings(*, _cwd: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

@@ -74,8 +74,8 @@ async def _trade(
         held = sim.balances(access_key).get(info.base)
         # Sell what the account holds now and then, so both sides show up.
         side = "ASK" if held is not None and held.balance > 0 and rng.random() < 0.4 else "BID"
-        if side == "ASK":
-            volume = min(volume, held.balance) if held is not None else volume
+        if side == "ASK" and held is not None:
+            volume = min(volume, held.balance)
         what = f"{side} {volume} {info.code} at {price}"
         try:
             order_id = sim.place_order(access_key, info.code, side, price=price, volume=volume)
@@ -83,23 +83,35 @@ async def _trade(
             _say(report, f"order {number}/{count} {access_key}: {what}: refused ({exc})")
             await anyio.sleep(interval)
             continue
-        await anyio.sleep(step)
-        half = (volume / 2).quantize(_EIGHT, rounding=ROUND_DOWN)
-        if outcome == "filled" or half <= 0:
-            outcome = "filled"
-            sim.fill_order(order_id)
-        elif outcome == "filled in two trades":
-            sim.fill_order(order_id, half)
-            await anyio.sleep(step)
-            sim.fill_order(order_id)
-        elif outcome == "cancelled":
-            sim.cancel_order(order_id)
-        else:
-            sim.fill_order(order_id, half)
-            await anyio.sleep(step)
-            sim.cancel_order(order_id)
+        try:
+            outcome = await _settle(sim, order_id, volume, outcome, step)
+        except OrderError as exc:
+            # One order gone wrong must not end the script, nor the simulator it runs in.
+            _say(report, f"order {number}/{count} {access_key}: {what}: stopped ({exc})")
+            await anyio.sleep(interval)
+            continue
         _say(report, f"order {number}/{count} {access_key}: {what}: {outcome}")
         await anyio.sleep(interval - step if outcome in ("filled", "cancelled") else step)
+
+
+async def _settle(sim: Simulator, order_id: str, volume: Decimal, outcome: str, step: float) -> str:
+    """Fill or cancel the order as ``outcome`` says; return what was done."""
+    await anyio.sleep(step)
+    half = (volume / 2).quantize(_EIGHT, rounding=ROUND_DOWN)
+    if outcome == "filled" or half <= 0:
+        outcome = "filled"
+        sim.fill_order(order_id)
+    elif outcome == "filled in two trades":
+        sim.fill_order(order_id, half)
+        await anyio.sleep(step)
+        sim.fill_order(order_id)
+    elif outcome == "cancelled":
+        sim.cancel_order(order_id)
+    else:
+        sim.fill_order(order_id, half)
+        await anyio.sleep(step)
+        sim.cancel_order(order_id)
+    return outcome
 
 
 def _snap(info: MarketInfo, price: Decimal) -> Decimal:
