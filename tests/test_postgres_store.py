@@ -495,3 +495,25 @@ async def test_the_section_chooses_text_copy(sim: Simulator, schema: str) -> Non
         await bus.register_component(watcher, SPECS)
         await watcher.wait_for(lambda: store.written >= 50)
     assert all_rows(schema) == store.accepted == store.written
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.1, -0.0, 5e-324, 1.7976931348623157e308, 123456.789, 1e-8, 146892000.0, 3.0, -42.5],
+)
+def test_numeric_binary_reads_back_as_the_float_s_shortest_decimal_without_a_server(
+    value: float,
+) -> None:
+    # numeric_binary leans on psycopg's encoders; a psycopg upgrade that changes them
+    # fails here even where no PostgreSQL server runs.
+    from psycopg.postgres import types
+    from psycopg.types.numeric import NumericBinaryLoader
+
+    loaded = NumericBinaryLoader(types["numeric"].oid).load(postgres_store.numeric_binary(value))
+    expected = Decimal(repr(value))
+    assert loaded == expected
+    # numeric has no negative zero and no positive exponent (1.8e308 is written out);
+    # any other value keeps its digits and scale.
+    exponent = expected.as_tuple().exponent
+    if value and isinstance(exponent, int) and exponent <= 0:
+        assert loaded.as_tuple() == expected.as_tuple()
